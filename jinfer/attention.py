@@ -1,0 +1,111 @@
+"""Paged attention over a flat, ragged token batch: the one call site the model uses.
+
+`paged_attention` dispatches on `AttentionMetadata.backend`. The XLA backend here is the
+reference and the CPU path; the Pallas kernels (pallas_kernels/) plug in behind the same call.
+
+Every token t of the step belongs to request row `seq_ids[t]` and sits at `positions[t]`. Its keys
+are that request's cached positions s with
+
+    s <= positions[t]                      (causal; this step's tokens are already written)
+    s >  positions[t] - window             (sliding-window layers only)
+
+The XLA path walks the key axis in blocks of `kv_block` positions (a whole number of pages) with
+an online softmax, gathering each token's pages from the pool. The loop's bounds are computed
+from the positions inside jit, so one compiled step serves any context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    positions: jax.Array  # [T] int32
+    seq_ids: jax.Array  # [T] int32: row of block_tables (padding -> 0)
+    slot_mapping: jax.Array  # [T] int32: flat cache slot to write (padding -> scratch)
+    block_tables: jax.Array  # [R, Pmax] int32
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+    kv_block: int = dataclasses.field(default=128, metadata=dict(static=True))
+
+
+def paged_attention(
+    q: jax.Array,  # [T, N, H], already scaled
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:  # [T, N, H]
+    if meta.backend == "xla":
+        return xla_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+    raise ValueError(f"unknown attention backend {meta.backend!r}")
+
+
+def xla_paged_attention(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    t, n, h = q.shape
+    _, page_size, k, _ = k_pages.shape
+    g = n // k
+    pages_per_block = max(1, meta.kv_block // page_size)
+    block = pages_per_block * page_size  # C
+    tables = meta.block_tables
+    max_pages = tables.shape[1]
+    pad = (-max_pages) % pages_per_block
+    if pad:
+        tables = jnp.pad(tables, ((0, 0), (0, pad)))
+    token_tables = tables[meta.seq_ids]  # [T, Pmax']
+    positions = meta.positions
+    qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
+
+    # Key blocks needed by any token: from the oldest visible position to the newest.
+    hi = jnp.max(positions) // block + 1
+    if window is None:
+        lo = jnp.int32(0)
+    else:
+        lo = jnp.maximum(jnp.min(positions) - window + 1, 0) // block
+
+    def body(b, carry):
+        m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
+        cols = b * pages_per_block + jnp.arange(pages_per_block)
+        page_ids = jnp.take(token_tables, cols, axis=1)  # [T, pages_per_block]
+        kb = k_pages[page_ids].reshape(t, block, k, h).astype(jnp.float32)  # [T, C, K, H]
+        vb = v_pages[page_ids].reshape(t, block, k, h).astype(jnp.float32)  # [T, C, K, H]
+        s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)  # [T, K, G, C]
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        key_pos = b * block + jnp.arange(block)  # [C]
+        visible = key_pos[None, :] <= positions[:, None]  # [T, C]
+        if window is not None:
+            visible &= key_pos[None, :] > positions[:, None] - window
+        s = jnp.where(visible[:, None, None, :], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        p = jnp.where(visible[:, None, None, :], p, 0.0)
+        corr = jnp.exp(m - m_new)
+        l_new = denom * corr + p.sum(axis=-1)
+        acc_new = acc * corr[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((t, k, g), NEG_INF, jnp.float32),
+        jnp.zeros((t, k, g), jnp.float32),
+        jnp.zeros((t, k, g, h), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
+    out = acc / jnp.maximum(denom, 1e-30)[..., None]
+    return out.reshape(t, n, h).astype(q.dtype)

@@ -1,0 +1,295 @@
+"""Model configuration: one frozen dataclass, built by one adapter per source.
+
+`ModelConfig` is hashable, so jit treats it as a static argument. Two adapters build it:
+`ModelConfig.from_gguf_fields` (GGUF metadata) and `ModelConfig.from_hf_config` (an HF
+`config.json` dict). Everything else in jinfer reads only this dataclass.
+
+Dimension alphabet used in shape comments across jinfer:
+  B batch (requests)   T tokens (flat step batch)   S key length   D model width
+  F ffn width          N query heads                K kv heads     G query heads per kv head (N / K)
+  H head dim           V vocab                      L layers       P pages      Z page size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+Arch = Literal["llama", "gemma3"]
+LayerType = Literal["full", "sliding"]
+
+# HF `model_type` values handled by the Llama-family code path.
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3")
+_GEMMA3_TYPES = ("gemma3", "gemma3_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling: `linear` (positions divided by factor) or Llama 3's `llama3`."""
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass needs to know about a decoder-only model."""
+
+    arch: Arch
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Rope base for sliding-window layers (Gemma 3 uses a smaller base locally).
+    rope_local_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
+    # One entry per layer; `sliding` layers attend to the last `sliding_window` positions.
+    layer_types: tuple[LayerType, ...] = ()
+    sliding_window: int | None = None
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    # Gemma: extra norms after attention and after the MLP, before the residual add.
+    post_norms: bool = False
+    hidden_act: Literal["silu", "gelu_tanh"] = "silu"
+    embed_scale: float = 1.0
+    # Scale applied to q before q.k; None means head_dim ** -0.5.
+    query_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 8192
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        for name in positive + ("num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding layers need a positive sliding_window")
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def q_per_kv(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of `layer`, or None for a full-attention layer."""
+        return self.sliding_window if self.layer_types[layer] == "sliding" else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
+            return self.rope_local_theta
+        return self.rope_theta
+
+    def layer_rope_scaling(self, layer: int) -> RopeScaling | None:
+        # Gemma 3 scales only its global layers' rope; local layers keep the plain base.
+        if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
+            return None
+        return self.rope_scaling
+
+    def num_params(self) -> int:
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed
+
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs of one token's forward pass, attention scores excluded (2 per MAC)."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        per_layer = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * f
+        return 2 * (self.num_layers * per_layer + self.vocab_size * d)
+
+    # ------------------------------------------------------------- (de)serialize
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        raw = json.loads(text)
+        if raw.get("rope_scaling"):
+            raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
+        for key in ("layer_types", "eos_token_ids"):
+            raw[key] = tuple(raw.get(key) or ())
+        return cls(**raw)
+
+    # ------------------------------------------------------------------ adapters
+    @classmethod
+    def from_gguf_fields(cls, meta: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from GGUF metadata (key -> python value)."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "gemma3", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"unsupported GGUF architecture {arch!r}")
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        num_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        head_dim = int(get("attention.key_length", hidden // num_heads))
+        num_layers = int(get("block_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        common = dict(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(get("context_length", 8192)),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+        )
+        factor = get("rope.scaling.factor")
+        if factor and get("rope.scaling.type", "linear") == "linear" and float(factor) != 1.0:
+            common["rope_scaling"] = RopeScaling("linear", float(factor))
+        if arch == "gemma3":
+            window = int(get("attention.sliding_window", 4096))
+            return cls(
+                arch="gemma3",
+                **common,
+                rope_local_theta=10000.0,
+                layer_types=_gemma3_layer_types(num_layers),
+                sliding_window=window,
+                qk_norm=True,
+                post_norms=True,
+                hidden_act="gelu_tanh",
+                embed_scale=math.sqrt(hidden),
+                query_scale=head_dim**-0.5,
+                tie_word_embeddings=True,
+            )
+        return cls(
+            arch="llama",
+            **common,
+            qk_norm=arch == "qwen3",
+            qkv_bias=arch == "qwen2",
+            tie_word_embeddings=False,  # decided by the loader: true when output.weight is absent
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from an HF `config.json` dict (Llama family or Gemma 3)."""
+        if cfg.get("model_type") == "gemma3" and "text_config" in cfg:
+            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+        model_type = cfg.get("model_type")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        num_layers = int(cfg["num_hidden_layers"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        common = dict(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=_hf_rope_scaling(cfg.get("rope_scaling")),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in _GEMMA3_TYPES)),
+        )
+        if model_type in _GEMMA3_TYPES:
+            layer_types = cfg.get("layer_types")
+            if layer_types:
+                types = tuple(
+                    "sliding" if t == "sliding_attention" else "full" for t in layer_types
+                )
+            else:
+                types = _gemma3_layer_types(num_layers, int(cfg.get("sliding_window_pattern", 6)))
+            return cls(
+                arch="gemma3",
+                **common,
+                rope_local_theta=float(cfg.get("rope_local_base_freq", 10000.0)),
+                layer_types=types,
+                sliding_window=int(cfg.get("sliding_window") or 4096),
+                qk_norm=True,
+                post_norms=True,
+                hidden_act="gelu_tanh",
+                embed_scale=math.sqrt(hidden),
+                query_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+                attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+                final_logit_softcap=cfg.get("final_logit_softcapping"),
+            )
+        if model_type not in _LLAMA_FAMILY:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: "
+                f"{', '.join(_LLAMA_FAMILY + _GEMMA3_TYPES)}"
+            )
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        types: tuple[LayerType, ...] = ()
+        if model_type == "mistral" and window:
+            types = ("sliding",) * num_layers
+        elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
+            first_full = int(cfg.get("max_window_layers", num_layers))
+            types = tuple("sliding" if i >= first_full else "full" for i in range(num_layers))
+        return cls(
+            arch="llama",
+            **common,
+            layer_types=types,
+            sliding_window=int(window) if types and window else None,
+            qk_norm=model_type == "qwen3",
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            hidden_act="silu",
+        )
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[LayerType, ...]:
+    """Gemma 3: every `pattern`-th layer is global, the others slide."""
+    return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
+
+
+def _hf_rope_scaling(raw: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    kind = raw.get("rope_type") or raw.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(raw["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(raw["factor"]),
+            float(raw.get("low_freq_factor", 1.0)),
+            float(raw.get("high_freq_factor", 4.0)),
+            int(raw.get("original_max_position_embeddings", 8192)),
+        )
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")

@@ -1,0 +1,303 @@
+"""The engine loop: schedule -> run -> sample -> postprocess, one step at a time.
+
+`Engine` owns the scheduler, the model runner and every request's host state. It is
+synchronous and single-threaded; the offline `LLM` drives it in a loop, and a server drives it
+from one background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from jinfer.block_manager import BlockManager
+from jinfer.config import ModelConfig
+from jinfer.kv_cache import KVCache, bytes_per_page
+from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.params import Params
+from jinfer.runner import ModelRunner, StepResult, num_compiles
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduler import Scheduler, SchedulerConfig
+from jinfer.sequence import Sequence, Status
+from jinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    max_model_len: int = 2048
+    max_num_seqs: int = 32  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunk size)
+    page_size: int = 16
+    num_pages: int | None = None  # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 2.0
+    attention_backend: str = "xla"
+    seed: int = 0  # draws the seeds of requests that bring none
+
+    def resolve_num_pages(self, cfg: ModelConfig, dtype: Any) -> int:
+        if self.num_pages is not None:
+            return self.num_pages
+        per_page = bytes_per_page(cfg, self.page_size, dtype)
+        fit = int(self.kv_cache_memory_gb * 2**30 // per_page)
+        # Never more than every slot at full length needs (+1 scratch page).
+        full = self.max_num_seqs * -(-self.max_model_len // self.page_size) + 1
+        return max(2, min(fit, full))
+
+
+@dataclasses.dataclass
+class _SeqState:
+    seq: Sequence
+    index: int
+    detok: IncrementalDetokenizer
+    text: str = ""
+    checked_upto: int = 0  # how much of `text` stop strings have been searched in
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    states: list[_SeqState]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.states)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    step_time: float = 0.0
+    host_time: float = 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        cache: KVCache,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+    ) -> None:
+        self.cfg = cfg
+        self.config = config
+        self.tokenizer = tokenizer
+        max_pages_per_seq = -(-config.max_model_len // config.page_size)
+        if cache.num_pages - 1 < max_pages_per_seq:
+            raise ValueError(
+                f"KV cache too small: {cache.num_pages - 1} usable pages cannot hold one "
+                f"request of max_model_len={config.max_model_len} ({max_pages_per_seq} pages)"
+            )
+        self.blocks = BlockManager(cache.num_pages, config.page_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+            ),
+            self.blocks,
+        )
+        self.runner = ModelRunner(
+            cfg,
+            params,
+            cache,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            attention_backend=config.attention_backend,
+        )
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._rng = np.random.default_rng(config.seed)
+        self._arrivals = 0
+        self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        """Queues a request; raises ValueError for an input it cannot serve."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(ids) > self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len={self.config.max_model_len}"
+            )
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        states = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
+            seq = Sequence(
+                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_token_ids=ids,
+                params=params,
+                seed=seed,
+                arrival=self._arrivals,
+                eos_token_ids=() if params.ignore_eos else self._eos,
+            )
+            self._arrivals += 1
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            states.append(_SeqState(seq, i, detok))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt, ids, states, time.monotonic())
+        self.stats.num_prompt_tokens += len(ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request wherever it is; its pages return at once. False if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for state in req.states:
+            if not state.seq.is_finished:
+                self.scheduler.finish(state.seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the current state of every request it touched."""
+        plan = self.scheduler.schedule()
+        self.stats.num_preemptions += len(plan.preempted)
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        self.scheduler.on_step_done(plan)
+        self.stats.num_steps += 1
+        self.stats.step_time += result.step_time
+        self.stats.host_time += result.host_time
+        touched = self._postprocess(result)
+        return [self._output(req) for req in touched]
+
+    def _postprocess(self, result: StepResult) -> list[_Request]:
+        touched: dict[str, _Request] = {}
+        for row, seq in enumerate(result.seqs):
+            if seq.is_finished:  # aborted meanwhile
+                continue
+            req_id = seq.request_id.split("#")[0] if seq.params.n > 1 else seq.request_id
+            req = self.requests[req_id]
+            state = next(s for s in req.states if s.seq is seq)
+            token = int(result.tokens[row])
+            seq.output_token_ids.append(token)
+            self.stats.num_generated_tokens += 1
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                top = [
+                    (int(i), float(v))
+                    for i, v in zip(
+                        result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True
+                    )
+                ]
+                seq.logprobs.append((float(result.logprobs[row]), top))
+            reason = self._check_stop(state, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            touched[req_id] = req
+        return list(touched.values())
+
+    def _check_stop(self, state: _SeqState, token: int) -> str | None:
+        """Appends the token's text and returns a finish reason, or None to go on."""
+        seq, p = state.seq, state.seq.params
+        past_min = seq.num_output_tokens >= p.min_tokens
+        if past_min and token in seq.eos_token_ids:
+            return "stop"  # EOS text is never part of the output
+        if past_min and token in p.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        state.text += state.detok.add(token)
+        if past_min and p.stop and self._find_stop(state) is not None:
+            return "stop"
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
+            seq.num_tokens >= self.config.max_model_len
+        ):
+            state.text += state.detok.flush()
+            return "length"
+        return None
+
+    def _find_stop(self, state: _SeqState) -> str | None:
+        """Searches the newly added text for a stop string (which may span tokens)."""
+        p = state.seq.params
+        longest = max(len(s) for s in p.stop)
+        start = max(0, state.checked_upto - longest + 1)
+        best: tuple[int, str] | None = None
+        for stop in p.stop:
+            i = state.text.find(stop, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        state.checked_upto = len(state.text)
+        if best is None:
+            return None
+        i, stop = best
+        state.text = state.text[: i + len(stop)] if p.include_stop_str_in_output else state.text[:i]
+        state.seq.stop_reason = stop
+        return stop
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outputs = []
+        for state in req.states:
+            seq = state.seq
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = []
+                for (chosen_lp, top), tok in zip(seq.logprobs, seq.output_token_ids, strict=True):
+                    entry = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(top)}
+                    entry.setdefault(tok, Logprob(chosen_lp))
+                    logprobs.append(entry)
+            outputs.append(
+                CompletionOutput(
+                    index=state.index,
+                    text=state.text,
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=logprobs,
+                )
+            )
+        finished = req.finished
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished)
+
+    # ------------------------------------------------------------------ status
+    @property
+    def num_compiles(self) -> int:
+        return num_compiles()
+
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def live_sequences(self) -> list[Sequence]:
+        return [s for s in self.scheduler.running + list(self.scheduler.waiting)]
+
+    def check_invariants(self) -> None:
+        self.blocks.check_invariants(self.live_sequences())
+        for seq in self.scheduler.waiting:
+            if seq.status is not Status.WAITING:
+                raise AssertionError(f"{seq.request_id} is queued but {seq.status}")

@@ -1,0 +1,79 @@
+"""The device half of the paged KV cache: a static-shape page pool and pure update helpers.
+
+Per layer, keys and values live in a pool of pages:
+
+    k, v : [P, Z, K, H]      P pages of Z token slots, K kv heads of width H
+
+A token's cache slot is `page * Z + offset`; the host (`block_manager.py`) decides pages and
+uploads the flat `slot_mapping` each step. Page 0 is reserved scratch: padding tokens write
+there, and no request ever owns it, so padded shapes never touch real data.
+
+    block_tables[r] = [7, 3, 12, 0, 0, ...]   request r's pages in order; 0 = unused
+    position p of request r  ->  page block_tables[r, p // Z], offset p % Z
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.config import ModelConfig
+
+SCRATCH_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # L x [P, Z, K, H]
+    v: tuple[jax.Array, ...]  # L x [P, Z, K, H]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+
+def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    return (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+def init_cache(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any = jnp.float32, sharding=None
+) -> KVCache:
+    """Zero-filled page pool; `sharding` (optional) places every layer's pages."""
+    shape = cache_shape(cfg, num_pages, page_size)
+
+    def zeros() -> jax.Array:
+        if sharding is None:
+            return jnp.zeros(shape, dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+    return KVCache(
+        k=tuple(zeros() for _ in range(cfg.num_layers)),
+        v=tuple(zeros() for _ in range(cfg.num_layers)),
+    )
+
+
+def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any = jnp.float32) -> int:
+    """Bytes one page costs across all layers, keys and values."""
+    per_layer = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return 2 * cfg.num_layers * per_layer
+
+
+def write(
+    pages: jax.Array,  # [P, Z, K, H]
+    new: jax.Array,  # [T, K, H]
+    slot_mapping: jax.Array,  # [T] int32, flat slot = page * Z + offset
+) -> jax.Array:
+    """Writes one layer's new keys (or values) into their slots; returns the updated pool."""
+    num_pages, page_size, k, h = pages.shape
+    flat = pages.reshape(num_pages * page_size, k, h)
+    flat = flat.at[slot_mapping].set(new.astype(pages.dtype), mode="drop")
+    return flat.reshape(num_pages, page_size, k, h)

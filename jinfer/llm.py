@@ -1,0 +1,194 @@
+"""`LLM`: the offline API, shaped like vLLM's.
+
+from jinfer import LLM, SamplingParams
+llm = LLM(model="smollm2-135m-instruct")
+outs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0, max_tokens=32))
+print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jinfer import registry
+from jinfer.engine import Engine, EngineConfig
+from jinfer.kv_cache import init_cache
+from jinfer.outputs import RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.sharding import cache_sharding, make_mesh, place_params
+from jinfer.tokenizer import Tokenizer, load_tokenizer
+from jinfer.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+Prompt = str | dict[str, Any]
+
+
+def resolve_dtype(dtype: str) -> Any:
+    """`auto` is float32 on CPU (bf16 matmuls are slower there) and bfloat16 on accelerators."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+class LLM:
+    """Loads a model once, then generates for batches of prompts with continuous batching."""
+
+    def __init__(
+        self,
+        model: str = registry.DEFAULT_MODEL,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        kv_cache_memory_gb: float = 2.0,
+        attention_backend: str = "auto",
+        seed: int = 0,
+        warmup: bool = True,
+    ) -> None:
+        t0 = time.perf_counter()
+        path = registry.resolve_model(model)
+        cfg, host_params = load_weights(path)
+        self.tokenizer: Tokenizer = load_tokenizer(str(path))
+        self.model_config = cfg
+        max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        if attention_backend == "auto":
+            attention_backend = "xla"
+        self.dtype = resolve_dtype(dtype)
+        self.mesh = make_mesh(tensor_parallel_size)
+        params = place_params(host_params, cfg, self.mesh, self.dtype)
+        del host_params
+        config = EngineConfig(
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(max_num_batched_tokens, 16),
+            page_size=page_size,
+            num_pages=num_pages,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            attention_backend=attention_backend,
+            seed=seed,
+        )
+        pages = config.resolve_num_pages(cfg, self.dtype)
+        cache = init_cache(
+            cfg, pages, page_size, self.dtype, cache_sharding(cfg, self.mesh, pages, page_size)
+        )
+        self.engine = Engine(cfg, params, cache, self.tokenizer, config)
+        self.load_time = time.perf_counter() - t0
+        self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
+        self._ids = itertools.count()
+        log.info(
+            "loaded %s (%s) in %.1f s, warm-up %.1f s, %d KV pages of %d",
+            model,
+            cfg.arch,
+            self.load_time,
+            self.warmup_time,
+            pages,
+            page_size,
+        )
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    # ---------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in order. A prompt is a string or
+        `{"prompt_token_ids": [...]}`."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts"
+                )
+        encoded = [self._encode(p) for p in prompts]  # validate everything before queueing
+        for ids, _ in encoded:
+            if len(ids) > self.engine.config.max_model_len:
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens, more than max_model_len="
+                    f"{self.engine.config.max_model_len}"
+                )
+        ids_in_order = []
+        for (ids, text), params in zip(encoded, params_list, strict=True):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, ids, params, prompt=text)
+            ids_in_order.append(request_id)
+        return self._run(ids_in_order, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conv in conversations:
+            ids = self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+            prompts.append({"prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self.tokenizer.encode(prompt["prompt"]), prompt["prompt"]
+        raise ValueError(
+            f"a prompt must be a string or a dict with 'prompt_token_ids'; got {type(prompt)}"
+        )
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        pending = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in pending:  # never leave half-finished requests holding pages
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in request_ids]

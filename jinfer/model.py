@@ -1,0 +1,141 @@
+"""The decoder forward pass: free functions over `Params`, config-driven.
+
+One code path covers the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2) and Gemma 3
+(sliding/global layers with their own rope bases, QK-norm, sandwich norms, scaled embeddings,
+GeGLU, soft-caps). Dimension letters are declared in `config.py`.
+
+The model reads and writes the paged KV cache but knows nothing of requests: the runner hands
+it a flat token batch and `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jinfer import kv_cache
+from jinfer.attention import AttentionMetadata, paged_attention
+from jinfer.config import ModelConfig, RopeScaling
+from jinfer.kv_cache import KVCache
+from jinfer.params import LayerParams, Params
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32; `scale` is the full multiplier (Gemma's 1 + w folded in at load)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return inv / scaling.factor
+    # llama3: long wavelengths scaled by `factor`, short kept, a smooth ramp between.
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * jnp.pi / inv
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    mid = (1 - smooth) * inv / scaling.factor + smooth * inv
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, NeoX/HF layout (halves rotate). x: [T, heads, H], positions: [T]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.hidden_act == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def attention_block(
+    cfg: ModelConfig,
+    layer: int,
+    p: LayerParams,
+    x: jax.Array,  # [T, D]
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q = jnp.einsum("td,dnh->tnh", x, p.wq)  # [T, N, H]
+    k = jnp.einsum("td,dkh->tkh", x, p.wk)  # [T, K, H]
+    v = jnp.einsum("td,dkh->tkh", x, p.wv)  # [T, K, H]
+    if p.bq is not None:
+        q, k, v = q + p.bq, k + p.bk, v + p.bv
+    if p.q_norm is not None:
+        q = rms_norm(q, p.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, p.k_norm, cfg.rms_norm_eps)
+    inv_freq = rope_frequencies(
+        cfg.head_dim, cfg.layer_rope_theta(layer), cfg.layer_rope_scaling(layer)
+    )
+    q = apply_rope(q, meta.positions, inv_freq)
+    k = apply_rope(k, meta.positions, inv_freq)
+    k_pages = kv_cache.write(k_pages, k, meta.slot_mapping)
+    v_pages = kv_cache.write(v_pages, v, meta.slot_mapping)
+    out = paged_attention(
+        q * jnp.asarray(cfg.scale, q.dtype),
+        k_pages,
+        v_pages,
+        meta,
+        window=cfg.layer_window(layer),
+        softcap=cfg.attn_logit_softcap,
+    )  # [T, N, H]
+    return jnp.einsum("tnh,nhd->td", out, p.wo), k_pages, v_pages
+
+
+def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
+    gate = _activation(cfg, x @ p.w_gate)  # [T, F]
+    return (gate * (x @ p.w_up)) @ p.w_down  # [T, D]
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,  # [T] int32
+    meta: AttentionMetadata,
+    cache: KVCache,
+    logits_idx: jax.Array,  # [B] int32: which tokens produce next-token logits
+) -> tuple[jax.Array, KVCache]:  # logits [B, V] float32, updated cache
+    x = params.embed[tokens]  # [T, D]
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    new_k, new_v = [], []
+    for i, p in enumerate(params.layers):
+        h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+        h, k_pages, v_pages = attention_block(cfg, i, p, h, cache.k[i], cache.v[i], meta)
+        if p.post_attn_norm is not None:
+            h = rms_norm(h, p.post_attn_norm, cfg.rms_norm_eps)
+        x = x + h
+        h = mlp_block(cfg, p, rms_norm(x, p.mlp_norm, cfg.rms_norm_eps))
+        if p.post_mlp_norm is not None:
+            h = rms_norm(h, p.post_mlp_norm, cfg.rms_norm_eps)
+        x = x + h
+        new_k.append(k_pages)
+        new_v.append(v_pages)
+    x = rms_norm(x[logits_idx], params.final_norm, cfg.rms_norm_eps)  # [B, D]
+    if params.lm_head is None:
+        logits = jnp.einsum("bd,vd->bv", x, params.embed)
+    else:
+        logits = x @ params.lm_head
+    logits = logits.astype(jnp.float32)  # [B, V]
+    if cfg.final_logit_softcap is not None:
+        cap = cfg.final_logit_softcap
+        logits = cap * jnp.tanh(logits / cap)
+    return logits, KVCache(k=tuple(new_k), v=tuple(new_v))

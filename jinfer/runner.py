@@ -1,0 +1,285 @@
+"""The jitted step: turns a `StepPlan` into padded device inputs, runs the model, samples.
+
+Shapes are static per bucket. The flat token batch is padded to the next size of the token
+ladder (16, 32, 64, ... max_num_batched_tokens); the rows that produce logits are padded to
+min(bucket, max_num_seqs). Padding tokens sit at position 0 of block-table row 0 and write to the
+scratch page. So the compiled programs are one per token bucket (plus the sampler per row
+bucket), all built by `warmup()`; after that `num_compiles` must stay still.
+
+The cache is donated to every step: the page pool is updated in place, never copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jinfer import model
+from jinfer.attention import AttentionMetadata
+from jinfer.config import ModelConfig
+from jinfer.kv_cache import SCRATCH_PAGE, KVCache
+from jinfer.params import Params
+from jinfer.sampling import SampleOutput, SamplingBatch, sample, split_seed
+from jinfer.scheduler import StepPlan
+from jinfer.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_compiles = 0
+_compiles_lock = threading.Lock()
+_listener_installed = False
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    global _compiles
+    if event == "/jax/core/compile/backend_compile_duration":
+        with _compiles_lock:
+            _compiles += 1
+
+
+def num_compiles() -> int:
+    """XLA compilations in this process since jinfer started counting."""
+    global _listener_installed
+    if not _listener_installed:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listener_installed = True
+    return _compiles
+
+
+num_compiles()  # start counting at import
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    sizes, t = [], smallest
+    while t < max_num_batched_tokens:
+        sizes.append(t)
+        t *= 2
+    sizes.append(max_num_batched_tokens)
+    return tuple(sizes)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one step produced, for the requests that reached the end of their known tokens."""
+
+    seqs: list[Sequence]  # requests that got a new token, in row order
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32
+    top_ids: np.ndarray | None  # [n, MAX_LOGPROBS] when any row wants logprobs
+    top_logprobs: np.ndarray | None
+    step_time: float  # seconds from launch to results on the host
+    host_time: float  # seconds spent building inputs
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        cache: KVCache,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        attention_backend: str = "xla",
+    ) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.cache = cache
+        self.page_size = cache.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self.attention_backend = attention_backend
+        self.max_pages_per_seq = -(-max_model_len // self.page_size)
+        self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
+        # Model and sampler compile separately: a new sampling variant (penalties, a wide
+        # logit bias) costs a small compile, never a recompile of the model.
+        self._forward = jax.jit(
+            lambda p, c, tok, meta, idx: model.forward(p, cfg, tok, meta, c, idx),
+            donate_argnums=(1,),
+        )
+        self._history_len = max_model_len
+        self._empty_history = None
+
+    # ------------------------------------------------------------------ inputs
+    def _bucket(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+    def _rows(self, bucket: int) -> int:
+        return min(bucket, self.max_num_seqs)
+
+    def _sampling_batch(self, seqs: list[Sequence], rows: int) -> tuple[SamplingBatch, bool]:
+        f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
+        temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
+        rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
+        top_k = np.zeros(rows, np.int32)
+        seed_lo = np.zeros(rows, np.uint32)
+        seed_hi = np.zeros(rows, np.uint32)
+        counter = np.zeros(rows, np.int32)
+        bans = [self._banned_ids(s) for s in seqs]
+        width = 8 if max((len(b) for b in bans), default=0) <= 8 else 64
+        bias_ids = np.full((rows, width), -1, np.int32)
+        bias_vals = np.zeros((rows, width), np.float32)
+        want_logprobs = use_penalties = False
+        for i, s in enumerate(seqs):
+            p = s.params
+            temperature[i], top_p[i], min_p[i], top_k[i] = p.temperature, p.top_p, p.min_p, p.top_k
+            rep[i], pres[i], freq[i] = (
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+            )
+            seed_lo[i], seed_hi[i] = split_seed(s.seed)
+            counter[i] = s.num_output_tokens
+            ids = bans[i][:width]
+            bias_ids[i, : len(ids)] = ids
+            bias_vals[i, : len(ids)] = -1e30
+            want_logprobs |= p.logprobs is not None
+            use_penalties |= p.uses_penalties
+        history, is_output = self._history(seqs if use_penalties else [], rows)
+        batch = SamplingBatch(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+            seed_lo=seed_lo,
+            seed_hi=seed_hi,
+            counter=counter,
+            bias_ids=bias_ids,
+            bias_vals=bias_vals,
+            history=history,
+            history_is_output=is_output,
+            want_logprobs=np.bool_(want_logprobs),
+            use_penalties=np.bool_(use_penalties),
+        )
+        return batch, want_logprobs
+
+    @staticmethod
+    def _banned_ids(seq: Sequence) -> list[int]:
+        """Tokens that may not be sampled yet: stop tokens before min_tokens is reached."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        return list(dict.fromkeys(list(p.stop_token_ids) + list(seq.eos_token_ids)))
+
+    def _history(self, seqs: list[Sequence], rows: int) -> tuple[np.ndarray, np.ndarray]:
+        length = self._history_len if seqs else 1
+        history = np.full((rows, length), -1, np.int32)
+        is_output = np.zeros((rows, length), np.bool_)
+        for i, s in enumerate(seqs):
+            ids = s.all_token_ids()[:length]
+            history[i, : len(ids)] = ids
+            is_output[i, s.num_prompt_tokens : len(ids)] = True
+        return history, is_output
+
+    def prepare(self, plan: StepPlan) -> tuple[tuple, list[Sequence], bool]:
+        num_tokens = plan.num_tokens
+        bucket = self._bucket(num_tokens)
+        rows = self._rows(bucket)
+        tokens = np.zeros(bucket, np.int32)
+        positions = np.zeros(bucket, np.int32)
+        seq_ids = np.zeros(bucket, np.int32)
+        slot_mapping = np.full(bucket, SCRATCH_PAGE * self.page_size, np.int32)
+        logits_idx = np.zeros(rows, np.int32)
+        sampled: list[Sequence] = []
+        t = 0
+        for seq, num_new in plan.scheduled:
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            self.block_tables[seq.slot, : len(table)] = table
+            self.block_tables[seq.slot, len(table) :] = SCRATCH_PAGE
+            pos = np.arange(start, start + num_new, dtype=np.int32)
+            all_ids = seq.all_token_ids()
+            tokens[t : t + num_new] = all_ids[start : start + num_new]
+            positions[t : t + num_new] = pos
+            seq_ids[t : t + num_new] = seq.slot
+            pages = np.asarray(table, np.int32)[pos // self.page_size]
+            slot_mapping[t : t + num_new] = pages * self.page_size + pos % self.page_size
+            t += num_new
+            if start + num_new == seq.num_tokens:  # reached the end: sample a next token
+                logits_idx[len(sampled)] = t - 1
+                sampled.append(seq)
+        meta = AttentionMetadata(
+            positions=positions,
+            seq_ids=seq_ids,
+            slot_mapping=slot_mapping,
+            block_tables=self.block_tables.copy(),
+            backend=self.attention_backend,
+        )
+        sbatch, want_logprobs = self._sampling_batch(sampled, rows)
+        return (tokens, meta, logits_idx, sbatch), sampled, want_logprobs
+
+    # --------------------------------------------------------------------- run
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        inputs, sampled, want_logprobs = self.prepare(plan)
+        t1 = time.perf_counter()
+        out = self._run(*inputs)
+        n = len(sampled)
+        tokens = np.asarray(out.tokens)[:n]
+        logprobs = np.asarray(out.logprobs)[:n]
+        top_ids = np.asarray(out.top_ids)[:n] if want_logprobs else None
+        top_lps = np.asarray(out.top_logprobs)[:n] if want_logprobs else None
+        t2 = time.perf_counter()
+        return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t2 - t0, t1 - t0)
+
+    def _run(
+        self,
+        tokens: np.ndarray,
+        meta: AttentionMetadata,
+        logits_idx: np.ndarray,
+        sbatch: SamplingBatch,
+    ) -> SampleOutput:
+        logits, self.cache = self._forward(self.params, self.cache, tokens, meta, logits_idx)
+        return sample(logits, sbatch)
+
+    def warmup(self) -> float:
+        """Compiles every bucket with padding-only batches (they write to the scratch page)."""
+        t0 = time.perf_counter()
+        for bucket in self.buckets:
+            rows = self._rows(bucket)
+            zeros = np.zeros(bucket, np.int32)
+            meta = AttentionMetadata(
+                positions=zeros,
+                seq_ids=zeros,
+                slot_mapping=zeros,
+                block_tables=np.zeros_like(self.block_tables),
+                backend=self.attention_backend,
+            )
+            logits_idx = np.zeros(rows, np.int32)
+            logits, self.cache = self._forward(self.params, self.cache, zeros, meta, logits_idx)
+            for sbatch in self._warmup_sampling_batches(rows):
+                jax.block_until_ready(sample(logits, sbatch).tokens)
+        elapsed = time.perf_counter() - t0
+        log.info("warm-up compiled %d buckets in %.1f s", len(self.buckets), elapsed)
+        return elapsed
+
+    def _warmup_sampling_batches(self, rows: int) -> list[SamplingBatch]:
+        """One batch per sampler shape variant: plain/penalties history x narrow/wide bias."""
+        base, _ = self._sampling_batch([], rows)
+        variants = []
+        for length in (1, self._history_len):
+            for width in (8, 64):
+                variants.append(
+                    dataclasses.replace(
+                        base,
+                        history=np.full((rows, length), -1, np.int32),
+                        history_is_output=np.zeros((rows, length), np.bool_),
+                        bias_ids=np.full((rows, width), -1, np.int32),
+                        bias_vals=np.zeros((rows, width), np.float32),
+                    )
+                )
+        return variants

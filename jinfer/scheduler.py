@@ -1,0 +1,146 @@
+"""Continuous batching: which requests compute how many tokens this step.
+
+The result is a plain `StepPlan`. The scheduler owns the waiting queue, the running list, the
+block manager and the device slots (rows of the block table); it never touches the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+
+from jinfer.block_manager import BlockManager
+from jinfer.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 32  # R: requests running at once (rows of the block table)
+    max_num_batched_tokens: int = 512  # token budget of one step
+    max_model_len: int = 2048
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """This step's work: each entry computes `num_new` tokens of `seq` from num_computed_tokens."""
+
+    scheduled: list[tuple[Sequence, int]]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
+
+    # ------------------------------------------------------------------ queue
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends `seq` (stop, length or abort) and returns its pages and slot."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+            self.blocks.free(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan:
+        # Policy: fill the token budget with running requests first, decodes before prefill
+        # chunks, so long prompts never stall running decodes; then admit waiting requests in
+        # arrival order while budget, slots and pages last (no overtaking: FCFS). When a running
+        # request cannot get a page, the latest-arrived running request is preempted (its pages
+        # freed; it recomputes later from the front of the queue).
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + chunks:
+            budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._reserve(seq, num_new, preempted, scheduled):
+                scheduled.append((seq, num_new))
+
+        budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+
+        while self.waiting and budget > 0 and self.free_slots and not preempted:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed_tokens + num_new)
+            seq.slot = self.free_slots.pop()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return StepPlan(scheduled, preempted)
+
+    def _reserve(
+        self,
+        seq: Sequence,
+        num_new: int,
+        preempted: list[Sequence],
+        scheduled: list[tuple[Sequence, int]],
+    ) -> bool:
+        """Allocates pages for `seq`, preempting later arrivals if needed. False if `seq` itself
+        had to be preempted."""
+        target = seq.num_computed_tokens + num_new
+        while not self.blocks.can_allocate(seq, target):
+            victim = max(self.running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            preempted.append(victim)
+            for i, (s, _) in enumerate(scheduled):
+                if s is victim:
+                    del scheduled[i]
+                    break
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.debug("preempting %s (%d tokens computed)", seq.request_id, seq.num_computed_tokens)
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+
+    # ------------------------------------------------------------ bookkeeping
+    def on_step_done(self, plan: StepPlan) -> None:
+        for seq, num_new in plan.scheduled:
+            seq.num_computed_tokens += num_new

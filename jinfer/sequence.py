@@ -1,0 +1,62 @@
+"""`Sequence`: one request's state as it moves through the engine.
+
+The scheduler's whole view of progress is one number per request: `num_computed_tokens`, which
+catches up with `num_tokens` (prompt + generated). Prefill, chunked prefill, decode and recompute
+after preemption are all the same motion.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jinfer.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved seed: the request's own, or drawn at arrival
+    arrival: int  # admission order; later arrivals are preempted first
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)  # page ids, in position order
+    slot: int = -1  # row in the device block table while running
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # stop tokens from the model (empty with ignore_eos)
+    # Per generated token: (sampled logprob, [(token id, logprob), ...] top-N).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

@@ -1,0 +1,347 @@
+"""Loading weights from the files users have: GGUF, HF safetensors directories, orbax checkpoints.
+
+Every loader yields `(ModelConfig, Params of numpy float32 arrays)`; placement on devices (dtype
+cast, sharding) happens afterwards in one place (`sharding.place_params`). Each tensor is checked
+against `params.param_specs`, so a file that does not match the config is an error, never
+silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jinfer.config import ModelConfig
+from jinfer.params import LayerParams, Params, check_shapes
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "jinfer_config.json"  # marks an orbax checkpoint written by jinfer
+PARAMS_DIR = "params"
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, truncated or does not match its config."""
+
+
+# ------------------------------------------------------------------------------- shared
+def _layer_fields(cfg: ModelConfig) -> dict[str, str]:
+    """Field of LayerParams <- per-layer tensor suffix, for GGUF names."""
+    fields = {
+        "attn_norm": "attn_norm",
+        "wq": "attn_q",
+        "wk": "attn_k",
+        "wv": "attn_v",
+        "wo": "attn_output",
+        "mlp_norm": "ffn_norm",
+        "w_gate": "ffn_gate",
+        "w_up": "ffn_up",
+        "w_down": "ffn_down",
+    }
+    if cfg.qk_norm:
+        fields |= {"q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+    if cfg.post_norms:
+        fields |= {"post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}
+    return fields
+
+
+def _to_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]) -> LayerParams:
+    """Builds one LayerParams from torch-layout [out, in] matrices fetched by field name."""
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+    def proj(name: str, heads: int) -> np.ndarray:  # [heads*H, D] -> [D, heads, H]
+        w = _require(get(name), name)
+        _expect(w, (heads * h, d), name)
+        return np.ascontiguousarray(w.T.reshape(d, heads, h))
+
+    def mat(name: str, shape: tuple[int, int]) -> np.ndarray:  # [out, in] -> [in, out]
+        w = _require(get(name), name)
+        _expect(w, shape, name)
+        return np.ascontiguousarray(w.T)
+
+    wo = _require(get("wo"), "wo")
+    _expect(wo, (d, n * h), "wo")
+    layer = LayerParams(
+        attn_norm=_require(get("attn_norm"), "attn_norm"),
+        wq=proj("wq", n),
+        wk=proj("wk", k),
+        wv=proj("wv", k),
+        wo=np.ascontiguousarray(wo.T.reshape(n, h, d)),
+        mlp_norm=_require(get("mlp_norm"), "mlp_norm"),
+        w_gate=mat("w_gate", (cfg.intermediate_size, d)),
+        w_up=mat("w_up", (cfg.intermediate_size, d)),
+        w_down=mat("w_down", (d, cfg.intermediate_size)),
+    )
+    if cfg.qkv_bias:
+        layer.bq = _require(get("bq"), "bq").reshape(n, h)
+        layer.bk = _require(get("bk"), "bk").reshape(k, h)
+        layer.bv = _require(get("bv"), "bv").reshape(k, h)
+    if cfg.qk_norm:
+        layer.q_norm = _require(get("q_norm"), "q_norm")
+        layer.k_norm = _require(get("k_norm"), "k_norm")
+    if cfg.post_norms:
+        layer.post_attn_norm = _require(get("post_attn_norm"), "post_attn_norm")
+        layer.post_mlp_norm = _require(get("post_mlp_norm"), "post_mlp_norm")
+    return layer
+
+
+def _require(x: np.ndarray | None, name: str) -> np.ndarray:
+    if x is None:
+        raise WeightsError(f"weights file has no tensor for {name!r}")
+    x = np.asarray(x, np.float32)
+    if not np.all(np.isfinite(x)):
+        raise WeightsError(f"tensor {name!r} contains NaN or Inf: corrupt weights")
+    return x
+
+
+def _expect(x: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise WeightsError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
+
+
+def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (interleaved rope -> HF's half-split layout)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------- GGUF
+def read_gguf(path: str | os.PathLike) -> Any:
+    """Opens a GGUF file, turning any parse failure into a WeightsError naming the file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted types on truncated/garbage files
+        raise WeightsError(f"cannot read GGUF file {path}: {e}") from e
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in (
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.tokens",
+        ):
+            continue  # the big vocab arrays are the tokenizer's business
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: S112 - unreadable optional metadata is skipped
+            continue
+    return meta
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """Dequantizes a GGUF file (any block type the `gguf` package knows) to float32."""
+    from gguf.quants import dequantize
+
+    reader = read_gguf(path)
+    meta = gguf_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = ModelConfig.from_gguf_fields(meta)
+    cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors)
+    permuted = meta.get("general.architecture") in ("llama", "mistral")
+    # Gemma's norms are stored as (1 + w) in GGUF already: nothing to fold.
+
+    def fetch(name: str) -> np.ndarray | None:
+        t = tensors.get(name)
+        if t is None:
+            return None
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise WeightsError(f"{path}: cannot dequantize {name}: {e}") from e
+        expected = tuple(int(x) for x in reversed(t.shape))
+        if arr.size != int(np.prod(expected)):
+            raise WeightsError(f"{path}: tensor {name} is truncated ({arr.size} values)")
+        return np.asarray(arr, np.float32).reshape(expected)
+
+    fields = _layer_fields(cfg)
+    fields |= {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+
+    def layer(i: int) -> LayerParams:
+        def get(field: str) -> np.ndarray | None:
+            suffix = fields[field]
+            w = fetch(f"blk.{i}.{suffix}" + ("" if "." in suffix else ".weight"))
+            if w is not None and permuted and field in ("wq", "wk"):
+                w = _unpermute_rope(w, cfg.num_heads if field == "wq" else cfg.num_kv_heads)
+            return w
+
+        return _to_layer(cfg, get)
+
+    embed = _require(fetch("token_embd.weight"), "token_embd.weight")
+    _expect(embed, (cfg.vocab_size, cfg.hidden_size), "token_embd.weight")
+    head = fetch("output.weight")
+    params = Params(
+        embed=embed,
+        layers=tuple(layer(i) for i in range(cfg.num_layers)),
+        final_norm=_require(fetch("output_norm.weight"), "output_norm.weight"),
+        lm_head=None if head is None else np.ascontiguousarray(_require(head, "output").T),
+    )
+    check_shapes(params, cfg)
+    return cfg, params
+
+
+# ----------------------------------------------------------------- HF safetensors dirs
+_HF_LAYER = {
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+_HF_LAYER_LLAMA = {"mlp_norm": "post_attention_layernorm.weight"}
+_HF_LAYER_GEMMA = {
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+_HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+
+
+def _safetensor_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{directory} has no *.safetensors files")
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="np") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except WeightsError:
+            raise
+        except Exception as e:
+            if "bfloat16" in str(e) or "bf16" in str(e).lower():
+                yield from _iter_safetensors_torch(f)
+                continue
+            raise WeightsError(f"cannot read {f}: {e}") from e
+
+
+def _iter_safetensors_torch(f: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """bfloat16 files: numpy has no bf16, so read through ml_dtypes via raw bytes."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="flax") as handle:
+        for name in handle.keys():
+            yield name, np.asarray(handle.get_tensor(name)).astype(ml_dtypes.bfloat16)
+
+
+def load_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise WeightsError(f"{directory} has no config.json")
+    cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    raw: dict[str, np.ndarray] = {}
+    for name, arr in _iter_safetensors(_safetensor_files(directory)):
+        for prefix in _HF_PREFIXES:
+            if name.startswith(prefix):
+                raw[name[len(prefix) :]] = arr
+                break
+    gemma = cfg.arch == "gemma3"
+    table = _HF_LAYER | (_HF_LAYER_GEMMA if gemma else _HF_LAYER_LLAMA)
+
+    def norm(w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w, np.float32)
+        return w + 1.0 if gemma else w  # Gemma's RMSNorm multiplies by (1 + w)
+
+    def layer(i: int) -> LayerParams:
+        def get(field: str) -> np.ndarray | None:
+            w = raw.get(f"layers.{i}.{table[field]}")
+            if w is not None and (field.endswith("norm")):
+                w = norm(w)
+            return w
+
+        return _to_layer(cfg, get)
+
+    head = raw.get("lm_head.weight")
+    if cfg.tie_word_embeddings:
+        head = None
+    elif head is None:
+        raise WeightsError(f"{directory}: untied model has no lm_head.weight")
+    embed = _require(raw.get("embed_tokens.weight"), "embed_tokens.weight")
+    params = Params(
+        embed=embed,
+        layers=tuple(layer(i) for i in range(cfg.num_layers)),
+        final_norm=norm(_require(raw.get("norm.weight"), "norm.weight")),
+        lm_head=None if head is None else np.ascontiguousarray(_require(head, "lm_head").T),
+    )
+    check_shapes(params, cfg)
+    return cfg, params
+
+
+# -------------------------------------------------------------------------------- orbax
+def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Params) -> None:
+    """Writes `jinfer_config.json` and `params/` (orbax) under `directory`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(cfg.to_json())
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / PARAMS_DIR, params, force=True)
+
+
+def load_orbax(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jinfer.params import map_specs, param_specs
+
+    directory = Path(directory).absolute()
+    try:
+        cfg = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise WeightsError(f"cannot read {directory / CONFIG_FILE}: {e}") from e
+    target = map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), param_specs(cfg))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(directory / PARAMS_DIR, target)
+    except Exception as e:
+        raise WeightsError(f"cannot restore orbax checkpoint {directory}: {e}") from e
+    check_shapes(params, cfg)
+    return cfg, params
+
+
+def load_weights(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """Loads a GGUF file, an HF safetensors directory or a jinfer orbax checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path} is a file but not a .gguf file")
+        return load_gguf(path)
+    if (path / CONFIG_FILE).exists():
+        return load_orbax(path)
+    if (path / "config.json").exists():
+        return load_hf_dir(path)
+    raise WeightsError(
+        f"{path}: not a GGUF file, an HF directory (config.json) or a jinfer orbax "
+        f"checkpoint ({CONFIG_FILE})"
+    )
