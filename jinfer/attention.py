@@ -98,6 +98,8 @@ def xla_paged_attention(
         p = jnp.where(visible[:, None, None, :], p, 0.0)
         corr = jnp.exp(m - m_new)
         l_new = denom * corr + p.sum(axis=-1)
+        # Slots past a request's length may hold stale data (or NaN): never let 0 * NaN in.
+        vb = jnp.where(visible[:, :, None, None], vb, 0.0)
         acc_new = acc * corr[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)
         return m_new, l_new, acc_new
 

