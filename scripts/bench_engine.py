@@ -1,0 +1,87 @@
+"""Engine micro-benchmark: warm-up time, prefill tok/s, decode tok/s at several batch sizes.
+
+    python scripts/bench_engine.py --model smollm2-135m-instruct --batch-sizes 1 32
+
+Decode is timed over steady-state steps only (all requests past prefill), with the prompts
+prefilled first; prefill is one long prompt timed to its first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+
+from jinfer import LLM, SamplingParams
+
+
+def _decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
+    eng = llm.engine
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"d{batch}-{i}", rng.integers(100, 40000, prompt_len).tolist(), params)
+    while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
+        eng.step()  # prefill everything first
+    start = eng.stats.num_generated_tokens
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+    elapsed = time.perf_counter() - t0
+    return (eng.stats.num_generated_tokens - start) / elapsed
+
+
+def _prefill_rate(llm: LLM, prompt_len: int) -> float:
+    rng = np.random.default_rng(0)
+    prompt = {"prompt_token_ids": rng.integers(100, 40000, prompt_len).tolist()}
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)  # touch every page once
+    t0 = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    return prompt_len / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        args.model,
+        max_model_len=2048,
+        max_num_seqs=max(args.batch_sizes),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    results = {
+        "model": args.model,
+        "load_s": round(llm.load_time, 1),
+        "warmup_s": round(llm.warmup_time, 1),
+        "ready_s": round(time.perf_counter() - t0, 1),
+        "buckets": list(llm.engine.runner.buckets),
+        "prefill_tok_s": round(_prefill_rate(llm, args.prefill_len), 1),
+    }
+    for b in args.batch_sizes:
+        results[f"decode_tok_s_b{b}"] = round(
+            _decode_rate(llm, b, args.prompt_len, args.decode_steps), 1
+        )
+    stats = llm.engine.stats
+    results["host_fraction"] = round(stats.host_time / max(stats.step_time, 1e-9), 4)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

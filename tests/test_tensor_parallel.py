@@ -1,0 +1,74 @@
+"""tensor_parallel_size=4 on a simulated 8-device CPU mesh gives the same greedy tokens as 1.
+
+The mesh needs XLA_FLAGS before jax starts, so the comparison runs in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from jinfer import LLM, SamplingParams
+    assert len(jax.devices()) == 8, jax.devices()
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config
+    from jinfer.params import init_params
+    from jinfer.tokenizer import load_tokenizer
+    from jinfer.registry import resolve_model
+
+    model = sys.argv[1]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land"]
+    kw = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, num_pages=64)
+    result = {}
+    for tp in (1, 4):
+        if model == "tiny":
+            cfg = tiny_config("gemma3")
+            tok = load_tokenizer(str(resolve_model("smollm2-135m-instruct")))
+            llm = LLM.from_params(cfg, init_params(cfg, seed=1, std=0.2), tok,
+                                  tensor_parallel_size=tp, warmup=False, **kw)
+        else:
+            llm = LLM(model, tensor_parallel_size=tp, warmup=False, **kw)
+        if tp == 4:
+            sharded = llm.engine.runner.params.layers[0].w_up.sharding
+            assert len(sharded.device_set) == 4, sharded
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        result[tp] = [o.outputs[0].token_ids for o in outs]
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def _run(model: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, model],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+def test_tp4_equals_tp1_tiny_model():
+    result = _run("tiny")
+    assert result["1"] == result["4"]
+
+
+@pytest.mark.slow
+def test_tp4_equals_tp1_smollm2():
+    result = _run("smollm2-135m-instruct")
+    assert result["1"] == result["4"]
