@@ -66,7 +66,9 @@ def place_params(params: Params, cfg: ModelConfig, mesh: Mesh, dtype: Any) -> Pa
     """Casts every weight to `dtype` and puts it on the mesh with its logical sharding."""
     shardings = param_shardings(cfg, mesh)
 
-    def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    def put(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
+        if isinstance(x, jax.Array):  # already on a device: no round trip through the host
+            return jax.device_put(x.astype(dtype), sharding)
         return jax.device_put(np.asarray(x).astype(jnp.dtype(dtype)), sharding)
 
     return jax.tree_util.tree_map(put, params, shardings)

@@ -1,0 +1,136 @@
+"""One decode step of the jitted model on random weights, against the weight-read floor.
+
+    python scripts/bench_step.py --shape llama3-1b --dtype bfloat16 --batch 1 8 64 --context 1024
+
+Needs no model files (weights are drawn on the device), so it runs on a GPU machine where the
+real models do not travel. The floor is (weight bytes + KV bytes read) / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.attention import AttentionMetadata
+from jinfer.config import ModelConfig
+from jinfer.kv_cache import init_cache
+from jinfer.params import map_specs, param_specs
+from jinfer.runner import _forward
+
+SHAPES = {
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+    ),
+    "llama3-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def random_params(cfg: ModelConfig, dtype) -> object:
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+
+    def make(spec):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        return (jax.random.normal(next(keys), spec.shape, jnp.float32) * 0.02).astype(dtype)
+
+    return map_specs(make, param_specs(cfg))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * nbytes * 10 / (time.perf_counter() - t0)  # read + write
+
+
+def bench(cfg: ModelConfig, params, dtype, batch: int, context: int, page: int) -> float:
+    pages_per_seq = -(-(context + 1) // page)
+    cache = init_cache(cfg, batch * pages_per_seq + 1, page, dtype)
+    tables = 1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
+    pos = np.full(batch, context, np.int32)
+    slots = tables[np.arange(batch), pos // page] * page + pos % page
+    meta = AttentionMetadata(pos, np.arange(batch, dtype=np.int32), slots, tables)
+    tokens = np.ones(batch, np.int32)
+    idx = np.arange(batch, dtype=np.int32)
+    for _ in range(2):
+        logits, cache = _forward(params, cfg, tokens, meta, cache, idx)
+    logits.block_until_ready()
+    n = 10
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits, cache = _forward(params, cfg, tokens, meta, cache, idx)
+    logits.block_until_ready()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama3-1b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--context", type=int, nargs="+", default=[1024])
+    ap.add_argument("--page-size", type=int, default=16)
+    args = ap.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    cfg = ModelConfig(arch="llama", **SHAPES[args.shape])
+    params = random_params(cfg, dtype)
+    bw = copy_bandwidth()
+    weight_bytes = cfg.num_params() * dtype.itemsize
+    rows = []
+    for ctx in args.context:
+        for b in args.batch:
+            step = bench(cfg, params, dtype, b, ctx, args.page_size)
+            kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.head_dim
+            floor = (weight_bytes + kv_bytes * dtype.itemsize) / bw
+            rows.append(
+                dict(
+                    shape=args.shape,
+                    device=jax.devices()[0].device_kind,
+                    batch=b,
+                    context=ctx,
+                    step_ms=round(step * 1e3, 3),
+                    floor_ms=round(floor * 1e3, 3),
+                    ratio=round(step / floor, 2),
+                    tok_s=round(b / step, 1),
+                )
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
