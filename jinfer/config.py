@@ -201,6 +201,7 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from an HF `config.json` dict (Llama family or Gemma 3)."""
+        cfg = _hf_legacy_rope(dict(cfg))
         if cfg.get("model_type") == "gemma3" and "text_config" in cfg:
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
         model_type = cfg.get("model_type")
@@ -293,3 +294,24 @@ def _hf_rope_scaling(raw: Mapping[str, Any] | None) -> RopeScaling | None:
             int(raw.get("original_max_position_embeddings", 8192)),
         )
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def _hf_legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}, or one such
+    dict per layer type for Gemma 3) where 4.x wrote rope_theta / rope_scaling /
+    rope_local_base_freq; `ModelConfig.from_hf_config` reads the 4.x keys, so translate."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, "text_config": _hf_legacy_rope(cfg["text_config"])}
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return cfg
+    cfg = dict(cfg)
+    full = rope.get("full_attention", rope)
+    if "rope_theta" in full:
+        cfg["rope_theta"] = full["rope_theta"]
+    kind = full.get("rope_type") or full.get("type")
+    cfg["rope_scaling"] = None if kind in (None, "default") else full
+    local = rope.get("sliding_attention")
+    if isinstance(local, dict) and "rope_theta" in local:
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+    return cfg

@@ -143,6 +143,7 @@ class Engine:
                 seed=seed,
                 arrival=self._arrivals,
                 eos_token_ids=() if params.ignore_eos else self._eos,
+                parent_id=request_id,
             )
             self._arrivals += 1
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
@@ -200,7 +201,7 @@ class Engine:
         for row, seq in enumerate(result.seqs):
             if seq.is_finished:  # aborted meanwhile
                 continue
-            req_id = seq.request_id.split("#")[0] if seq.params.n > 1 else seq.request_id
+            req_id = seq.parent_id
             req = self.requests[req_id]
             state = next(s for s in req.states if s.seq is seq)
             token = int(result.tokens[row])

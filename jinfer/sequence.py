@@ -35,6 +35,7 @@ class Sequence:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     eos_token_ids: tuple[int, ...] = ()  # stop tokens from the model (empty with ignore_eos)
+    parent_id: str = ""  # the request this sequence is one of `n` completions of
     # Per generated token: (sampled logprob, [(token id, logprob), ...] top-N).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 

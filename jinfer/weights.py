@@ -141,7 +141,10 @@ def read_gguf(path: str | os.PathLike) -> Any:
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted types on truncated/garbage files
-        raise WeightsError(f"cannot read GGUF file {path}: {e}") from e
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise WeightsError(
+            f"cannot read GGUF file {path} ({size} bytes; truncated or not GGUF?): {e}"
+        ) from e
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -294,27 +297,6 @@ def _iter_safetensors_torch(f: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield name, np.asarray(handle.get_tensor(name)).astype(ml_dtypes.bfloat16)
 
 
-def _hf_legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:
-    """transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}, or one such
-    dict per layer type for Gemma 3) where 4.x wrote rope_theta / rope_scaling /
-    rope_local_base_freq; `ModelConfig.from_hf_config` reads the 4.x keys, so translate."""
-    if isinstance(cfg.get("text_config"), dict):
-        cfg = {**cfg, "text_config": _hf_legacy_rope(cfg["text_config"])}
-    rope = cfg.get("rope_parameters")
-    if not isinstance(rope, dict):
-        return cfg
-    cfg = dict(cfg)
-    full = rope.get("full_attention", rope)
-    if "rope_theta" in full:
-        cfg["rope_theta"] = full["rope_theta"]
-    kind = full.get("rope_type") or full.get("type")
-    cfg["rope_scaling"] = None if kind in (None, "default") else full
-    local = rope.get("sliding_attention")
-    if isinstance(local, dict) and "rope_theta" in local:
-        cfg["rope_local_base_freq"] = local["rope_theta"]
-    return cfg
-
-
 def load_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -327,7 +309,7 @@ def load_hf_dir(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
             raise WeightsError(f"cannot read {config_path}: {e}") from e
         if not isinstance(hf_config, dict):
             raise WeightsError(f"{config_path} is not a JSON object")
-        cfg = ModelConfig.from_hf_config(_hf_legacy_rope(hf_config))
+        cfg = ModelConfig.from_hf_config(hf_config)
     raw: dict[str, np.ndarray] = {}
     names: dict[str, str] = {}  # stripped name -> name in the file
     for name, arr in _iter_safetensors(_safetensor_files(directory)):
@@ -409,15 +391,53 @@ def load_orbax(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     target = map_specs(
         lambda s: jax.ShapeDtypeStruct(s.shape, np.float32, sharding=host), param_specs(cfg)
     )
+    if not (directory / PARAMS_DIR).is_dir():
+        raise WeightsError(f"orbax checkpoint {directory} has no {PARAMS_DIR}/ directory")
     try:
         with ocp.StandardCheckpointer() as ckpt:
+            stored = ckpt.metadata(directory / PARAMS_DIR)
+            # Check shapes first: a failed restore leaves orbax's pending reads to the GC.
+            _check_orbax_shapes(getattr(stored, "item_metadata", stored), target, directory)
             params = ckpt.restore(directory / PARAMS_DIR, target)
+    except WeightsError:
+        raise
     except Exception as e:
         raise WeightsError(f"cannot restore orbax checkpoint {directory}: {e}") from e
     params = jax.tree_util.tree_map(np.asarray, params)
     with _errors_name(directory):
         check_shapes(params, cfg)
     return cfg, params
+
+
+def _check_orbax_shapes(stored: Any, target: Any, directory: Path) -> None:
+    """Every parameter the config implies is stored, with its shape, and nothing else is."""
+    import jax
+
+    def flat(tree: Any) -> dict[tuple, tuple[int, ...]]:
+        def key(path: tuple) -> tuple:
+            return tuple(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {key(path): tuple(leaf.shape) for path, leaf in leaves if leaf is not None}
+
+    def show(k: tuple) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in k)
+
+    expected, have = flat(target), flat(getattr(stored, "tree", stored))
+    for k, shape in expected.items():
+        if k not in have:
+            raise WeightsError(f"orbax checkpoint {directory} has no parameter {show(k)}")
+        if have[k] != shape:
+            raise WeightsError(
+                f"orbax checkpoint {directory}: parameter {show(k)} has shape {have[k]}, "
+                f"{CONFIG_FILE} implies {shape}"
+            )
+    extra = sorted(show(k) for k in have.keys() - expected.keys())
+    if extra:
+        raise WeightsError(
+            f"orbax checkpoint {directory} has parameters {CONFIG_FILE} does not describe: "
+            f"{', '.join(extra[:5])}"
+        )
 
 
 def load_weights(path: str | os.PathLike) -> tuple[ModelConfig, Params]:

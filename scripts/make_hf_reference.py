@@ -30,7 +30,10 @@ workaround is needed. The file lacks some hyperparameters (the local RoPE base, 
 but transformers' ``Gemma3TextConfig`` defaults equal what llama.cpp hard-codes for Gemma 3, and
 its GGUF loader subtracts the 1 that llama.cpp's converter adds to every ``*norm.weight``. The
 script checks the resulting config (``sliding_window == 512``, the layer-type pattern, RoPE bases)
-and fails loudly if a future transformers changes any of it.
+and fails loudly if a future transformers changes any of it. (Checked by hand with transformers
+5.24: perplexity on the ``long`` prompt is 22 as loaded, but 155 with the local RoPE base set to
+1e6, 129 without the q/k-norm offset, and 178 past token 520 with the sliding window removed.)
+The model is loaded with ``dtype=`` (transformers 5's name for the deprecated ``torch_dtype=``).
 """
 
 from __future__ import annotations
