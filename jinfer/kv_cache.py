@@ -73,7 +73,9 @@ def write(
     slot_mapping: jax.Array,  # [T] int32, flat slot = page * Z + offset
 ) -> jax.Array:
     """Writes one layer's new keys (or values) into their slots; returns the updated pool."""
-    num_pages, page_size, k, h = pages.shape
-    flat = pages.reshape(num_pages * page_size, k, h)
-    flat = flat.at[slot_mapping].set(new.astype(pages.dtype), mode="drop")
-    return flat.reshape(num_pages, page_size, k, h)
+    page_size = pages.shape[1]
+    # Index the pool in place ([page, offset]): scattering into a reshaped view made XLA copy
+    # the whole pool on every step.
+    return pages.at[slot_mapping // page_size, slot_mapping % page_size].set(
+        new.astype(pages.dtype), mode="drop"
+    )
