@@ -101,9 +101,7 @@ class Engine:
             )
         self.blocks = BlockManager(cache.num_pages, config.page_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
-            ),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.blocks,
         )
         self.runner = ModelRunner(
@@ -300,7 +298,7 @@ class Engine:
         return len(self.scheduler.waiting)
 
     def live_sequences(self) -> list[Sequence]:
-        return [s for s in self.scheduler.running + list(self.scheduler.waiting)]
+        return self.scheduler.running + list(self.scheduler.waiting)
 
     def check_invariants(self) -> None:
         self.blocks.check_invariants(self.live_sequences())

@@ -44,43 +44,19 @@ def resolve_dtype(dtype: str) -> Any:
 
 
 class LLM:
-    """Loads a model once, then generates for batches of prompts with continuous batching."""
+    """Loads a model once, then generates for batches of prompts with continuous batching.
 
-    def __init__(
-        self,
-        model: str = registry.DEFAULT_MODEL,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        tensor_parallel_size: int = 1,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 512,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        kv_cache_memory_gb: float = 2.0,
-        attention_backend: str = "auto",
-        seed: int = 0,
-        warmup: bool = True,
-    ) -> None:
+    `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
+    checkpoint. The options (dtype, max_model_len, tensor_parallel_size, max_num_seqs,
+    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, attention_backend, seed,
+    warmup) and their defaults are declared once, on `_setup`; an unknown one is a TypeError.
+    """
+
+    def __init__(self, model: str = registry.DEFAULT_MODEL, **options: Any) -> None:
         t0 = time.perf_counter()
         path = registry.resolve_model(model)
         cfg, host_params = load_weights(path)
-        self._setup(
-            cfg,
-            host_params,
-            load_tokenizer(str(path)),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            page_size=page_size,
-            num_pages=num_pages,
-            kv_cache_memory_gb=kv_cache_memory_gb,
-            attention_backend=attention_backend,
-            seed=seed,
-            warmup=warmup,
-        )
+        self._setup(cfg, host_params, load_tokenizer(str(path)), **options)
         self.load_time = time.perf_counter() - t0 - self.warmup_time
         log.info(
             "loaded %s (%s) in %.1f s, warm-up %.1f s",
@@ -92,11 +68,11 @@ class LLM:
 
     @classmethod
     def from_params(
-        cls, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, **kwargs: Any
+        cls, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, **options: Any
     ) -> LLM:
         """An LLM over weights already in memory (random-weight tests, research code)."""
         llm = cls.__new__(cls)
-        llm._setup(cfg, params, tokenizer, **kwargs)
+        llm._setup(cfg, params, tokenizer, **options)
         llm.load_time = 0.0
         return llm
 

@@ -11,6 +11,7 @@ Logical axis names (mapped to mesh axes in `sharding.py`, never here):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -113,16 +114,28 @@ def map_specs(fn: Callable[[ParamSpec], Any], specs: Params) -> Any:
 
 
 def init_params(
-    cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02
+    cfg: ModelConfig,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    std: float = 0.02,
+    on_device: bool = False,
 ) -> Params:
-    """Random weights (normal with `std`, norms at one): for tests, benchmarks and GPU checks."""
+    """Random weights (normal with `std`, norms at one): for tests, benchmarks and GPU checks.
+
+    `on_device` draws them with jax.random on the default device (no host copy: an 8B-shaped
+    model in seconds); otherwise numpy draws them on the host.
+    """
     rng = np.random.default_rng(seed)
+    leaf_index = itertools.count()
 
     def make(spec: ParamSpec) -> jax.Array:
         if spec.init == "ones":
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
+        if on_device:
+            key = jax.random.fold_in(jax.random.key(seed), next(leaf_index))
+            return (jax.random.normal(key, spec.shape, jnp.float32) * std).astype(dtype)
         return jnp.asarray(rng.standard_normal(spec.shape, np.float32) * std, dtype)
 
     return map_specs(make, param_specs(cfg))

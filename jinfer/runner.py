@@ -177,7 +177,6 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
         self._history_len = max_model_len
-        self._empty_history = None
 
     # ------------------------------------------------------------------ inputs
     def _bucket(self, num_tokens: int) -> int:

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     max_num_seqs: int = 32  # R: requests running at once (rows of the block table)
     max_num_batched_tokens: int = 512  # token budget of one step
-    max_model_len: int = 2048
 
 
 @dataclasses.dataclass

@@ -64,9 +64,7 @@ def _to_layer(
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
     def tensor(field: str, shape: tuple[int, ...]) -> np.ndarray:
-        w = _require(get(field), label(field))
-        _expect(w, shape, label(field))
-        return w
+        return _require(get(field), label(field), shape)
 
     def proj(field: str, heads: int) -> np.ndarray:  # [heads*H, D] -> [D, heads, H]
         return np.ascontiguousarray(tensor(field, (heads * h, d)).T.reshape(d, heads, h))
@@ -98,10 +96,13 @@ def _to_layer(
     return layer
 
 
-def _require(x: np.ndarray | None, name: str) -> np.ndarray:
+def _require(x: np.ndarray | None, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """`x` as float32, present, finite and (when given) of `shape`; else a WeightsError."""
     if x is None:
         raise WeightsError(f"weights file has no tensor for {name!r}")
     x = np.asarray(x, np.float32)
+    if shape is not None:
+        _expect(x, shape, name)
     if not np.all(np.isfinite(x)):
         raise WeightsError(f"tensor {name!r} contains NaN or Inf: corrupt weights")
     return x
@@ -212,15 +213,11 @@ def _load_gguf(path: str | os.PathLike, reader: Any) -> tuple[ModelConfig, Param
         return _to_layer(cfg, get, name)
 
     d, v = cfg.hidden_size, cfg.vocab_size
-    embed = _require(fetch("token_embd.weight"), "token_embd.weight")
-    _expect(embed, (v, d), "token_embd.weight")
-    final_norm = _require(fetch("output_norm.weight"), "output_norm.weight")
-    _expect(final_norm, (d,), "output_norm.weight")
+    embed = _require(fetch("token_embd.weight"), "token_embd.weight", (v, d))
+    final_norm = _require(fetch("output_norm.weight"), "output_norm.weight", (d,))
     head = fetch("output.weight")
     if head is not None:
-        head = _require(head, "output.weight")
-        _expect(head, (v, d), "output.weight")
-        head = np.ascontiguousarray(head.T)
+        head = np.ascontiguousarray(_require(head, "output.weight", (v, d)).T)
     params = Params(
         embed=embed,
         layers=tuple(layer(i) for i in range(cfg.num_layers)),
@@ -331,9 +328,7 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
         return names.get(key, key)
 
     def tensor(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        w = _require(raw.get(key), label(key))
-        _expect(w, shape, label(key))
-        return w
+        return _require(raw.get(key), label(key), shape)
 
     def norm(w: np.ndarray | None) -> np.ndarray | None:
         if w is None:
@@ -403,10 +398,8 @@ def load_orbax(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
         raise
     except Exception as e:
         raise WeightsError(f"cannot restore orbax checkpoint {directory}: {e}") from e
-    params = jax.tree_util.tree_map(np.asarray, params)
-    with _errors_name(directory):
-        check_shapes(params, cfg)
-    return cfg, params
+    # Shapes were checked against the config before restoring (_check_orbax_shapes).
+    return cfg, jax.tree_util.tree_map(np.asarray, params)
 
 
 def _check_orbax_shapes(stored: Any, target: Any, directory: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from jinfer.attention import AttentionMetadata
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import init_cache
-from jinfer.params import map_specs, param_specs
+from jinfer.params import init_params
 from jinfer.runner import _forward
 
 SHAPES = {
@@ -53,17 +53,6 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
-
-
-def random_params(cfg: ModelConfig, dtype) -> object:
-    keys = iter(jax.random.split(jax.random.key(0), 10_000))
-
-    def make(spec):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        return (jax.random.normal(next(keys), spec.shape, jnp.float32) * 0.02).astype(dtype)
-
-    return map_specs(make, param_specs(cfg))
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -107,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
     cfg = ModelConfig(arch="llama", **SHAPES[args.shape])
-    params = random_params(cfg, dtype)
+    params = init_params(cfg, dtype=dtype, on_device=True)
     bw = copy_bandwidth()
     weight_bytes = cfg.num_params() * dtype.itemsize
     rows = []
