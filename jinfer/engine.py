@@ -17,7 +17,7 @@ import numpy as np
 from jinfer.block_manager import BlockManager
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page
-from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.params import Params
 from jinfer.runner import ModelRunner, StepResult, num_compiles
 from jinfer.sampling_params import SamplingParams
@@ -64,7 +64,7 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     states: list[_SeqState]
-    arrival_time: float
+    metrics: RequestMetrics
 
     @property
     def finished(self) -> bool:
@@ -131,6 +131,7 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
+        self.validate_params(params)
         states = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
@@ -147,7 +148,8 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             states.append(_SeqState(seq, i, detok))
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, prompt, ids, states, time.monotonic())
+        metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.requests[request_id] = _Request(request_id, prompt, ids, states, metrics)
         self.stats.num_prompt_tokens += len(ids)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
@@ -165,6 +167,17 @@ class Engine:
                 f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
             )
         return ids
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """ValueError if `params` names a token id this model does not have."""
+        vocab = self.cfg.vocab_size
+        named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias))
+        for name, ids in named:
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(
+                    f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+                )
 
     def abort(self, request_id: str) -> bool:
         """Ends a request wherever it is; its pages return at once. False if unknown."""
@@ -186,6 +199,11 @@ class Engine:
         self.stats.num_preemptions += len(plan.preempted)
         if plan.is_empty:
             return []
+        now = time.monotonic()
+        for seq, _ in plan.scheduled:
+            metrics = self.requests[seq.parent_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         result = self.runner.execute(plan)
         self.scheduler.on_step_done(plan)
         self.stats.num_steps += 1
@@ -196,6 +214,7 @@ class Engine:
 
     def _postprocess(self, result: StepResult) -> list[_Request]:
         touched: dict[str, _Request] = {}
+        now = time.monotonic()
         for row, seq in enumerate(result.seqs):
             if seq.is_finished:  # aborted meanwhile
                 continue
@@ -204,6 +223,8 @@ class Engine:
             state = next(s for s in req.states if s.seq is seq)
             token = int(result.tokens[row])
             seq.output_token_ids.append(token)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
             self.stats.num_generated_tokens += 1
             if seq.params.logprobs is not None:
                 n = seq.params.logprobs
@@ -281,7 +302,15 @@ class Engine:
         finished = req.finished
         if finished:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished)
+            req.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            outputs,
+            finished,
+            dataclasses.replace(req.metrics),
+        )
 
     # ------------------------------------------------------------------ status
     @property

@@ -153,6 +153,8 @@ class LLM:
         # Validate everything before queueing anything: a bad prompt costs no other prompt.
         encoded = [self._encode(p) for p in prompts]
         encoded = [(self.engine.validate_prompt(ids), text) for ids, text in encoded]
+        for params in params_list:
+            self.engine.validate_params(params)
         ids_in_order = []
         for (ids, text), params in zip(encoded, params_list, strict=True):
             request_id = str(next(self._ids))

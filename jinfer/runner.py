@@ -25,7 +25,7 @@ from jinfer.attention import AttentionMetadata
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
-from jinfer.sampling import SampleOutput, SamplingBatch, sample, split_seed
+from jinfer.sampling import NEG_INF, SampleOutput, SamplingBatch, sample, split_seed
 from jinfer.scheduler import StepPlan
 from jinfer.sequence import Sequence
 
@@ -61,6 +61,12 @@ num_compiles()  # start counting at import
 _forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
 
 
+# Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
+# the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
+# sampler programs down; the scatter of [rows, 512] is noise next to the [rows, V] softmax.
+BIAS_WIDTH = 512
+
+
 def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
     sizes, t = [], smallest
     while t < max_num_batched_tokens:
@@ -92,10 +98,9 @@ def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[S
     seed_lo = np.zeros(rows, np.uint32)
     seed_hi = np.zeros(rows, np.uint32)
     counter = np.zeros(rows, np.int32)
-    bans = [_banned_ids(s) for s in seqs]
-    width = 8 if max((len(b) for b in bans), default=0) <= 8 else 64
-    bias_ids = np.full((rows, width), -1, np.int32)
-    bias_vals = np.zeros((rows, width), np.float32)
+    biases = [_logit_bias(s) for s in seqs]
+    bias_ids = np.full((rows, BIAS_WIDTH), -1, np.int32)
+    bias_vals = np.zeros((rows, BIAS_WIDTH), np.float32)
     want_logprobs = use_penalties = False
     for i, s in enumerate(seqs):
         p = s.params
@@ -107,9 +112,8 @@ def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[S
         )
         seed_lo[i], seed_hi[i] = split_seed(s.seed)
         counter[i] = s.num_output_tokens
-        ids = bans[i][:width]
-        bias_ids[i, : len(ids)] = ids
-        bias_vals[i, : len(ids)] = -1e30
+        bias_ids[i, : len(biases[i])] = list(biases[i])
+        bias_vals[i, : len(biases[i])] = list(biases[i].values())
         want_logprobs |= p.logprobs is not None
         use_penalties |= p.uses_penalties
     history, is_output = _history(seqs if use_penalties else [], rows, history_len)
@@ -134,12 +138,14 @@ def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[S
     return batch, want_logprobs
 
 
-def _banned_ids(seq: Sequence) -> list[int]:
-    """Tokens that may not be sampled yet: stop tokens before min_tokens is reached."""
+def _logit_bias(seq: Sequence) -> dict[int, float]:
+    """The request's logit_bias, plus a ban on stop tokens while min_tokens is not reached."""
     p = seq.params
-    if seq.num_output_tokens >= p.min_tokens:
-        return []
-    return list(dict.fromkeys(list(p.stop_token_ids) + list(seq.eos_token_ids)))
+    bias = dict(p.logit_bias)
+    if seq.num_output_tokens < p.min_tokens:
+        for t in list(p.stop_token_ids) + list(seq.eos_token_ids):
+            bias[t] = NEG_INF
+    return bias
 
 
 def _history(seqs: list[Sequence], rows: int, history_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,18 +279,13 @@ class ModelRunner:
         return elapsed
 
     def _warmup_sampling_batches(self, rows: int) -> list[SamplingBatch]:
-        """One batch per sampler shape variant: plain/penalties history x narrow/wide bias."""
+        """One batch per sampler shape variant: without and with the penalty history."""
         base, _ = sampling_batch([], rows, self._history_len)
-        variants = []
-        for length in (1, self._history_len):
-            for width in (8, 64):
-                variants.append(
-                    dataclasses.replace(
-                        base,
-                        history=np.full((rows, length), -1, np.int32),
-                        history_is_output=np.zeros((rows, length), np.bool_),
-                        bias_ids=np.full((rows, width), -1, np.int32),
-                        bias_vals=np.zeros((rows, width), np.float32),
-                    )
-                )
-        return variants
+        return [
+            dataclasses.replace(
+                base,
+                history=np.full((rows, length), -1, np.int32),
+                history_is_output=np.zeros((rows, length), np.bool_),
+            )
+            for length in (1, self._history_len)
+        ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 MAX_LOGPROBS = 20  # top-N logprobs per token, like OpenAI's limit
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 128
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit; each value in [-100, 100]
 
 
 @dataclasses.dataclass
@@ -33,12 +36,14 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = _token_map(self.logit_bias)
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -76,6 +81,23 @@ class SamplingParams:
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (
+                len(self.stop) <= MAX_STOP_STRINGS,
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",
+            ),
+            (
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, "
+                f"got {len(self.stop_token_ids)}",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
+            ),
+            (
+                all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                "logit_bias maps non-negative token ids to values in [-100, 100]",
+            ),
+            (
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
             ),
@@ -97,3 +119,14 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+def _token_map(bias: dict | None) -> dict[int, float]:
+    """logit_bias keys arrive as ints or (from JSON) strings of ints."""
+    out = {}
+    for k, v in (bias or {}).items():
+        try:
+            out[int(k)] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias maps token ids to numbers; got {k!r}: {v!r}") from None
+    return out

@@ -51,6 +51,7 @@ def test_no_compiles_after_warmup_while_traffic_varies(make_tiny_llm):
         (_prompts([64] * 8), SamplingParams(temperature=1.0, top_k=5, logprobs=3, max_tokens=3)),
         (_prompts([9, 300]), SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=4)),
         (_prompts([20]), SamplingParams(min_tokens=2, stop_token_ids=list(range(10, 30)))),
+        (_prompts([6, 9]), SamplingParams(logit_bias={t: -5.0 for t in range(100, 400)})),
     ]
     for prompts, params in mixes:
         llm.generate(prompts, params, use_tqdm=False)
@@ -163,3 +164,26 @@ def test_bad_inputs_raise_and_cost_nothing(make_tiny_llm):
     assert not llm.engine.has_unfinished_requests()
     out = llm.generate(_prompts([5]), GREEDY, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 12
+
+
+def test_logit_bias_forces_and_bans_tokens(make_tiny_llm):
+    llm = make_tiny_llm()
+    prompts = _prompts([7, 30])
+    forced = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=4, logit_bias={1234: 100}), use_tqdm=False
+    )
+    assert _tokens(forced) == [[1234] * 4, [1234] * 4]
+    free = _tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    ban = {t: -100 for t in {free[0][0], free[1][0]}}
+    banned = llm.generate(prompts, SamplingParams(temperature=0, logit_bias=ban), use_tqdm=False)
+    assert all(o.outputs[0].token_ids[0] not in ban for o in banned)
+
+
+def test_params_naming_tokens_outside_the_vocabulary_cost_nothing(make_tiny_llm):
+    llm = make_tiny_llm()
+    bad = [GREEDY, SamplingParams(logit_bias={49152: 1.0})]
+    with pytest.raises(ValueError, match="logit_bias: token id 49152"):
+        llm.generate(_prompts([4, 5]), bad, use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(_prompts([4]), SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests

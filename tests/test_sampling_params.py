@@ -26,6 +26,11 @@ from jinfer import SamplingParams
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
+        ({"stop": [str(i) for i in range(17)]}, "at most 16 stop strings"),
+        ({"stop_token_ids": list(range(129))}, "at most 128 stop_token_ids"),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, "at most 300"),
+        ({"logit_bias": {5: 101.0}}, r"\[-100, 100\]"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias maps token ids"),
     ],
 )
 def test_invalid_sampling_params_raise_value_error(kwargs, message):

@@ -1,0 +1,141 @@
+"""`python -m jinfer.serve`: the OpenAI-compatible HTTP server.
+
+    python -m jinfer.serve                    # smollm2-135m-instruct on 127.0.0.1:8000
+    python -m jinfer.serve --model gemma3-270m --port 9000 --api-key secret
+
+The port opens at once; `/health` answers 503 while the model loads and compiles, then 200.
+SIGTERM or Ctrl-C stops admitting, gives in-flight requests `--shutdown-timeout` seconds, ends
+the rest with a final `abort` event, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from typing import Any
+
+import uvicorn
+
+from jinfer import registry
+
+log = logging.getLogger("jinfer.serve")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jinfer.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=registry.DEFAULT_MODEL, help="named model or a path")
+    p.add_argument(
+        "--served-model-name", default=None, help="the name clients use (default: --model)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("JINFER_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $JINFER_API_KEY)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="requests queued beyond the running batch before answering 429",
+    )
+    p.add_argument("--max-request-body-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "page_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def make_loader(args: argparse.Namespace) -> Any:
+    def load() -> tuple[Any, Any]:
+        from jinfer.llm import LLM  # imports jax: keep it off the startup path
+
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            page_size=args.page_size,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            num_pages=args.num_pages,
+            seed=args.seed,
+        )
+        return llm.engine, llm.tokenizer
+
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jinfer.server.app import ServerConfig, create_app
+
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        served_model_name=args.served_model_name or args.model,
+        model_root=args.model,
+        api_key=args.api_key or None,
+        max_waiting_requests=args.max_waiting_requests,
+        max_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    app = create_app(config, make_loader(args))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
+            timeout_keep_alive=5,
+        )
+    )
+    log.info("listening on http://%s:%d (model %s)", args.host, sock.getsockname()[1], args.model)
+    server.run(sockets=[sock])
+    state = app.state.jinfer
+    if state.loader is not None and state.loader.is_alive():
+        # Still loading (compiling): nothing to drain, and a compile thread cannot be joined
+        # quickly. Leave without running interpreter teardown under it.
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, telling the app to drain when the first SIGTERM/SIGINT arrives.
+
+    uvicorn re-raises a captured signal once it has shut down (so the process dies of it);
+    a drained shutdown is a clean exit here, so the signal is consumed instead.
+    """
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        state = self.config.app.state.jinfer
+        if not self.should_exit and state.loop is not None:
+            state.loop.call_soon_threadsafe(state.begin_shutdown)
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

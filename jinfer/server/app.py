@@ -1,0 +1,316 @@
+"""The FastAPI app: routes, auth, body limits, errors, and the engine's lifecycle.
+
+The HTTP server is up at once; the model loads and compiles on a background thread meanwhile
+(`/health` says 503 until it is ready, then 200). Handlers only validate, submit and stream;
+the engine runs on its own thread (`AsyncEngine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import jinfer
+from jinfer.server import protocol as P
+from jinfer.server.async_engine import AsyncEngine
+from jinfer.server.errors import APIError, bad_request, validation_error
+from jinfer.server.metrics import CONTENT_TYPE, ServerMetrics
+from jinfer.server.serving import ClientGone, Serving
+
+log = logging.getLogger(__name__)
+
+# (engine, tokenizer): an `Engine` (or one with its methods) and a `Tokenizer`
+Loader = Callable[[], tuple[Any, Any]]
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    served_model_name: str
+    model_root: str = ""  # what `model` was loaded from, shown by /v1/models
+    api_key: str | None = None
+    max_waiting_requests: int = 256  # beyond running + this many, 429
+    max_body_bytes: int = 16 * 2**20
+    shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long, then abort
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, load: Loader) -> None:
+        self.config = config
+        self.load = load
+        self.metrics = ServerMetrics(config.served_model_name)
+        self.async_engine: AsyncEngine | None = None
+        self.serving: Serving | None = None
+        self.tokenizer: Any = None
+        self.load_error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loader: threading.Thread | None = None
+        self.created = int(time.time())
+
+    # -------------------------------------------------------------- lifecycle
+    def start_loading(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.loader = threading.Thread(target=self._load, name="jinfer-load", daemon=True)
+        self.loader.start()
+
+    def _load(self) -> None:
+        try:
+            engine, tokenizer = self.load()
+        except BaseException as e:  # noqa: BLE001 - reported by /health, logged here
+            log.exception("loading the model failed")
+            self.load_error = e
+            return
+        self.loop.call_soon_threadsafe(self._on_loaded, engine, tokenizer)
+
+    def _on_loaded(self, engine: Any, tokenizer: Any) -> None:
+        async_engine = AsyncEngine(
+            engine,
+            max_waiting_requests=self.config.max_waiting_requests,
+            on_output=self.metrics.observe,
+        )
+        async_engine.start(self.loop)
+        self.metrics.attach(engine)
+        self.tokenizer = tokenizer
+        self.serving = Serving(async_engine, tokenizer, self.config.served_model_name)
+        self.async_engine = async_engine
+        log.info("ready: serving %s", self.config.served_model_name)
+
+    def begin_shutdown(self) -> None:
+        """Stops admitting; in-flight requests get `shutdown_timeout` s, then end with `abort`."""
+        if self.async_engine is None:
+            return
+        self.async_engine.draining = True
+        self.loop.call_later(self.config.shutdown_timeout, self.async_engine.abort_all)
+
+    def close(self) -> None:
+        if self.async_engine is not None:
+            self.async_engine.stop()
+
+    # ----------------------------------------------------------------- guards
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.load_error is not None:
+            return 503, {"status": "error", "error": f"loading failed: {self.load_error!r}"}
+        if self.async_engine is None:
+            return 503, {"status": "loading"}
+        if self.async_engine.error is not None:
+            return 503, {"status": "error", "error": repr(self.async_engine.error)}
+        if self.async_engine.draining:
+            return 503, {"status": "shutting_down"}
+        return 200, {"status": "ok"}
+
+    def require_ready(self) -> Serving:
+        if self.serving is None:  # draining or a dead engine is refused at admission
+            status = self.health()[1]["status"]
+            raise APIError(503, f"the server is not ready: {status}", code="unavailable")
+        return self.serving
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves "
+                f"`{self.config.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+
+
+async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
+    """Strict parsing with named errors: UTF-8, then JSON, then the schema."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` is a 413, declared or streamed."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> APIError:
+        return APIError(
+            413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large"
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._error().response()(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(config: ServerConfig, load: Loader) -> FastAPI:
+    state = ServerState(config, load)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        state.start_loading(asyncio.get_running_loop())
+        yield
+        state.close()
+
+    app = FastAPI(title="jinfer", version=jinfer.__version__, lifespan=lifespan)
+    app.state.jinfer = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}").response()
+
+    async def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        )
+        if not ok:
+            raise APIError(
+                401,
+                "a valid API key is required: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status, body = state.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": jinfer.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "jinfer",
+            "root": config.model_root or config.served_model_name,
+        }
+        if state.serving is not None:
+            card["max_model_len"] = state.serving.max_model_len
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, P.CompletionRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        gen = serving.completion(body)
+        return await _respond(serving, gen, request, body.stream)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, P.ChatCompletionRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        gen = serving.chat(body)
+        return await _respond(serving, gen, request, body.stream)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, P.TokenizeRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt or messages")
+        if body.prompt is not None:
+            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            try:
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                ids = state.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
+                )
+            except Exception as e:
+                raise bad_request(f"messages: {e}", "messages") from None
+        return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, P.DetokenizeRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        vocab = serving.engine.engine.cfg.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    app.include_router(v1)
+    return app
+
+
+async def _respond(serving: Serving, gen: Any, request: Request, stream: bool) -> Response:
+    sub = serving.start(gen, request)
+    if stream:
+        return StreamingResponse(
+            serving.stream(gen, sub),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        return JSONResponse(await serving.collect(gen, sub))
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; the requests were aborted

@@ -1,0 +1,234 @@
+"""The OpenAI-compatible wire format: request bodies in, response bodies out.
+
+Request models check types and ranges (pydantic); what depends on the model (vocabulary,
+context length) is checked by the handlers. Unknown fields are ignored, as OpenAI's own server
+and vLLM's do, so newer clients keep working. Response builders return plain dicts in exactly
+the shape the `openai` package parses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jinfer.outputs import CompletionOutput, Logprob
+from jinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share: OpenAI's, then vLLM's extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    cache_salt: str | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """Raises ValueError (from SamplingParams) for out-of-range values."""
+        return SamplingParams(
+            n=self.n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts, each text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            return []
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return [list(x) for x in p]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as text; list content may only hold text parts."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+# ------------------------------------------------------------------ responses
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(
+    entries: list[dict[int, Logprob]],
+    token_ids: list[int],
+    token_text: Any,
+    num: int,
+    offset: int,
+) -> dict[str, Any]:
+    """Legacy completions logprobs: parallel lists, `text_offset` counted from `offset`."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for tok, entry in zip(token_ids, entries, strict=True):
+        text = token_text(tok)
+        tokens.append(text)
+        token_logprobs.append(entry[tok].logprob)
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num] if num else []
+        top.append({token_text(t): lp.logprob for t, lp in ranked})
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(
+    entries: list[dict[int, Logprob]], token_ids: list[int], token_text: Any, num: int
+) -> dict[str, Any]:
+    """Chat logprobs: one object per token with its bytes and the top `num` alternatives."""
+
+    def item(tok: int, lp: float) -> dict[str, Any]:
+        text = token_text(tok)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for tok, entry in zip(token_ids, entries, strict=True):
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num] if num else []
+        content.append(
+            {
+                **item(tok, entry[tok].logprob),
+                "top_logprobs": [item(t, v.logprob) for t, v in ranked],
+            }
+        )
+    return {"content": content}
+
+
+def completion_body(
+    request_id: str, model: str, choices: list[dict[str, Any]], usage_: dict | None, chunk: bool
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def chat_body(
+    request_id: str, model: str, choices: list[dict[str, Any]], usage_: dict | None, chunk: bool
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def finish_fields(out: CompletionOutput) -> dict[str, Any]:
+    return {"finish_reason": out.finish_reason, "stop_reason": out.stop_reason}

@@ -1,0 +1,353 @@
+"""The two generation endpoints: validate, submit, then stream (SSE) or collect.
+
+A request becomes one engine request per prompt (a chat is one prompt; `/v1/completions` may
+send several); each asks for `n` choices. Everything that can be wrong with a request is
+checked before anything is submitted, so a bad request costs nothing. While a response is open,
+a watcher listens for the client going away and aborts the engine requests at once.
+
+Streaming never takes text back: while stop strings could still match, the last
+`max(len(stop)) - 1` characters are held back until they are safe to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from jinfer.outputs import CompletionOutput, RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.server import protocol as P
+from jinfer.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from jinfer.server.errors import APIError, bad_request
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class Generation:
+    """One validated API request: its engine prompts, sampling params and response shape."""
+
+    def __init__(
+        self,
+        kind: str,  # "completion" | "chat"
+        model: str,
+        prompts: list[tuple[list[int], str | None]],
+        params: SamplingParams,
+        body: P.CompletionRequest | P.ChatCompletionRequest,
+    ) -> None:
+        self.kind = kind
+        self.model = model
+        self.prompts = prompts
+        self.params = params
+        self.body = body
+        self.request_id = P.random_id("cmpl" if kind == "completion" else "chatcmpl")
+        self.n = params.n
+        self.num_logprobs = params.logprobs
+        self.echo = kind == "completion" and body.echo
+        self.hold_back = max((len(s) for s in params.stop), default=1) - 1
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+    """The completion budget; a request that cannot fit the context is a 400."""
+    if requested is not None and requested < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
+    room = max_model_len - prompt_len
+    if requested is None:
+        if room < 1:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens, and the prompt "
+                f"has {prompt_len}: no room to generate.",
+                "messages",
+            )
+        return room
+    if prompt_len + requested > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            "max_tokens",
+        )
+    return requested
+
+
+class Submitted:
+    """A request's engine streams, merged into one queue of (prompt index, newest output)."""
+
+    def __init__(self, engine: AsyncEngine, streams: list[Any], request: Request) -> None:
+        self.engine = engine
+        self.streams = streams
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self.tasks.append(asyncio.create_task(self._watch(request)))
+
+    async def _pump(self, i: int, stream: Any) -> None:
+        try:
+            async for out in stream:
+                self.queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - forwarded to the reader
+            self.queue.put_nowait((i, e))
+
+    async def _watch(self, request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.close()
+        self.queue.put_nowait((-1, ClientGone()))
+
+    def close(self) -> None:
+        """Aborts whatever is still running; idempotent."""
+        for s in self.streams:
+            if not s.finished:
+                self.engine.abort(s.request_id)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        open_streams = len(self.streams)
+        try:
+            while open_streams:
+                i, item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    open_streams -= 1
+                yield i, item
+        finally:
+            for t in self.tasks:
+                t.cancel()
+            self.close()
+
+
+class Serving:
+    """Turns API bodies into engine requests and engine outputs into API responses."""
+
+    def __init__(self, async_engine: AsyncEngine, tokenizer: Any, model_name: str) -> None:
+        self.engine = async_engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = async_engine.engine.config.max_model_len
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Serving per server, bounded cache
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ------------------------------------------------------------ validation
+    def _encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise bad_request("prompt is empty", param)
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        try:
+            return self.engine.engine.validate_prompt(ids)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
+
+    def _sampling_params(self, body: Any, max_tokens: int | None, logprobs: int | None) -> Any:
+        try:
+            params = body.sampling_params(max_tokens, logprobs)
+            self.engine.engine.validate_params(params)
+        except ValueError as e:
+            raise bad_request(str(e), _param_named_in(str(e))) from None
+        return params
+
+    def completion(self, body: P.CompletionRequest) -> Generation:
+        if body.suffix is not None:
+            raise bad_request("suffix is not supported", "suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request("best_of is not supported (use n)", "best_of")
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+        raw = body.prompts()
+        if not raw:
+            raise bad_request("prompt is empty: give a string, strings or token ids", "prompt")
+        prompts = [
+            (self._encode_prompt(p, "prompt"), p if isinstance(p, str) else None) for p in raw
+        ]
+        longest = max(len(ids) for ids, _ in prompts)
+        max_tokens = resolve_max_tokens(body.max_tokens, longest, self.max_model_len)
+        params = self._sampling_params(body, max_tokens, body.logprobs)
+        return Generation("completion", self.model_name, prompts, params, body)
+
+    def chat(self, body: P.ChatCompletionRequest) -> Generation:
+        if not body.messages:
+            raise bad_request("messages is empty: give at least one message", "messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
+            )
+        except Exception as e:  # a template's raise_exception or a bad content part
+            raise bad_request(f"messages: {e}", "messages") from None
+        ids = self._encode_prompt(list(ids), "messages")
+        requested = body.max_completion_tokens or body.max_tokens
+        if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+            raise bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
+        max_tokens = resolve_max_tokens(requested, len(ids), self.max_model_len)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._sampling_params(body, max_tokens, logprobs)
+        return Generation("chat", self.model_name, [(ids, None)], params, body)
+
+    # ------------------------------------------------------------- submission
+    def _submit(self, gen: Generation) -> list[Any]:
+        try:
+            self.engine.check_admission(len(gen.prompts))
+            return [
+                self.engine.submit(f"{gen.request_id}-{i}", ids, gen.params, prompt=text)
+                for i, (ids, text) in enumerate(gen.prompts)
+            ]
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except (ShuttingDownError, EngineDeadError) as e:
+            raise APIError(503, str(e), code="unavailable") from None
+
+    def start(self, gen: Generation, request: Request) -> Submitted:
+        """Submits every prompt of `gen` now (so admission errors are still a status code) and
+        starts watching the connection: a client that leaves has its requests aborted at once,
+        even before its response has begun."""
+        return Submitted(self.engine, self._submit(gen), request)
+
+    # --------------------------------------------------------------- respond
+    async def collect(self, gen: Generation, sub: Submitted) -> dict[str, Any]:
+        final: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in sub.outputs():
+                if out.finished:
+                    final[i] = out
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="unavailable") from None
+        choices = []
+        completion_tokens = 0
+        for i in range(len(gen.prompts)):
+            out = final[i]
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                choices.append(self._choice(gen, i, out, o, o.text, o.token_ids, chunk=False))
+        prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
+        build = P.completion_body if gen.kind == "completion" else P.chat_body
+        return build(
+            gen.request_id, gen.model, choices, P.usage(prompt_tokens, completion_tokens), False
+        )
+
+    async def stream(self, gen: Generation, sub: Submitted) -> AsyncIterator[str]:
+        """SSE events: chunks in OpenAI's shape, an optional usage chunk, then `[DONE]`."""
+        build = P.completion_body if gen.kind == "completion" else P.chat_body
+        include_usage = gen.body.include_usage
+        usage_field = {"usage": None} if include_usage else {}
+        sent_text: dict[int, str] = {}
+        sent_tokens: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+
+        def event(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        try:
+            if gen.kind == "chat":
+                first = [
+                    {"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+                    for j in range(gen.n)
+                ]  # fmt: skip
+                body = build(gen.request_id, gen.model, first, None, True)
+                yield event({**body, **usage_field} if include_usage else _no_usage(body))
+            async for i, out in sub.outputs():
+                choices = []
+                for o in out.outputs:
+                    key = i * gen.n + o.index
+                    done = o.finish_reason is not None
+                    text = o.text if done else o.text[: max(0, len(o.text) - gen.hold_back)]
+                    before = sent_text.get(key, "")
+                    if len(text) < len(before):
+                        text = before
+                    start = sent_tokens.get(key, 0)
+                    new_tokens = o.token_ids[start:]
+                    quiet = text == before and (not new_tokens or gen.num_logprobs is None)
+                    if quiet and not done:
+                        continue  # nothing the client can see yet
+                    if gen.echo and key not in sent_text:
+                        text_delta = self._echo_text(gen, i) + text[len(before) :]
+                    else:
+                        text_delta = text[len(before) :]
+                    choice = self._choice(
+                        gen, i, out, o, text_delta, new_tokens, chunk=True, token_start=start,
+                        offset=len(before),
+                    )  # fmt: skip
+                    choices.append(choice)
+                    sent_text[key] = text
+                    sent_tokens[key] = len(o.token_ids)
+                    completion_tokens[key] = len(o.token_ids)
+                if choices:
+                    body = build(gen.request_id, gen.model, choices, None, True)
+                    yield event({**body, **usage_field} if include_usage else _no_usage(body))
+            if include_usage:
+                prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
+                usage = P.usage(prompt_tokens, sum(completion_tokens.values()))
+                yield event(build(gen.request_id, gen.model, [], usage, True))
+        except ClientGone:
+            return
+        except EngineDeadError as e:
+            yield event(APIError(503, str(e), code="unavailable").body())
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------- shapes
+    def _echo_text(self, gen: Generation, i: int) -> str:
+        ids, text = gen.prompts[i]
+        return text if text is not None else self.tokenizer.decode(ids)
+
+    def _choice(
+        self,
+        gen: Generation,
+        i: int,
+        out: RequestOutput,
+        o: CompletionOutput,
+        text: str,
+        token_ids: list[int],
+        *,
+        chunk: bool,
+        token_start: int = 0,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        index = i * gen.n + o.index
+        logprobs = None
+        if gen.num_logprobs is not None and o.logprobs is not None:
+            entries = o.logprobs[token_start : token_start + len(token_ids)]
+            if gen.kind == "completion":
+                logprobs = P.completion_logprobs(
+                    entries, token_ids, self.token_text, gen.num_logprobs, offset
+                )
+            else:
+                logprobs = P.chat_logprobs(entries, token_ids, self.token_text, gen.num_logprobs)
+        finish = P.finish_fields(o)
+        if gen.kind == "completion":
+            if gen.echo and not chunk:
+                text = self._echo_text(gen, i) + text
+            return {"index": index, "text": text, "logprobs": logprobs, **finish}
+        if chunk:
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": logprobs, **finish}
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, **finish}
+
+
+def _no_usage(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "usage"}
+
+
+def _param_named_in(message: str) -> str | None:
+    """The request field a SamplingParams error names (its messages start with the field)."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    return head if head.isidentifier() else None

@@ -1,0 +1,119 @@
+"""Test helpers for the HTTP server: a live uvicorn on a free localhost port, and an engine whose
+model is replaced by a hand-computable one.
+
+`EchoRunner` stands in for the `ModelRunner` only: scheduling, paging, stop handling,
+detokenization, aborts and the whole HTTP stack are the real ones. Its "model" repeats the
+prompt token by token, so the completion of a prompt with ids [a, b, c] is a, b, c, a, b, ...
+and every expected text can be computed by hand with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from jinfer.engine import Engine, EngineConfig
+from jinfer.kv_cache import init_cache
+from jinfer.runner import StepResult
+from jinfer.sampling_params import MAX_LOGPROBS
+from jinfer.scheduler import StepPlan
+
+
+class EchoRunner:
+    """The next token of a sequence is its prompt's token at (outputs so far) mod prompt length.
+    Its logprob is -0.5; the top-N are that token, then the ids after it, at -0.5 - rank."""
+
+    def __init__(self, vocab_size: int, step_delay: float = 0.0) -> None:
+        self.vocab_size = vocab_size
+        self.step_delay = step_delay
+        self.fail = False  # set to make the next step raise (a dying engine)
+
+    def warmup(self) -> float:
+        return 0.0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if self.fail:
+            raise RuntimeError("injected engine failure")
+        time.sleep(self.step_delay)
+        seqs = [s for s, n in plan.scheduled if s.num_computed_tokens + n == s.num_tokens]
+        tokens = np.array(
+            [s.prompt_token_ids[s.num_output_tokens % s.num_prompt_tokens] for s in seqs], np.int32
+        )
+        ranks = np.arange(MAX_LOGPROBS, dtype=np.int32)
+        top_ids = (tokens[:, None] + ranks[None, :]) % self.vocab_size
+        top_lps = np.broadcast_to(-0.5 - ranks, top_ids.shape).astype(np.float32)
+        logprobs = np.full(len(seqs), -0.5, np.float32)
+        return StepResult(seqs, tokens, logprobs, top_ids, top_lps, self.step_delay, 0.0)
+
+
+def echo_tokens(prompt_ids: list[int], n: int) -> list[int]:
+    return [prompt_ids[i % len(prompt_ids)] for i in range(n)]
+
+
+def make_echo_engine(tokenizer: Any, step_delay: float = 0.0, **config: Any) -> Engine:
+    """A real `Engine` (scheduler, pages, stops) over `EchoRunner`."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size)
+    config.setdefault("max_model_len", 256)
+    config.setdefault("max_num_seqs", 8)
+    config.setdefault("max_num_batched_tokens", 64)
+    config.setdefault("num_pages", 200)
+    econfig = EngineConfig(**config)
+    cache = init_cache(cfg, econfig.num_pages, econfig.page_size)
+    engine = Engine(cfg, None, cache, tokenizer, econfig)
+    engine.runner = EchoRunner(cfg.vocab_size, step_delay)
+    return engine
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1:<free port> from a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.jinfer
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server at {self.url} not ready after {timeout} s")
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
