@@ -198,6 +198,7 @@ BAD_COMPLETIONS = [
     (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     (b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
     (b'{"prompt": "x", "n": 0}', 400, "n must"),
+    (b'{"prompt": "x", "n": 100000}', 400, "n must be at most"),
     (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     (b'{"prompt": "x", "max_tokens": 300}', 400, "maximum context length"),
     (b'{"prompt": [1, 2, 99999999]}', 400, "outside the vocabulary"),
@@ -325,6 +326,12 @@ def test_disconnect_aborts_within_a_step_and_frees_pages(tok):
         assert wait_until(lambda: not s.engine.requests, timeout=5)
         assert time.monotonic() - closed < 0.5  # a few 50 ms steps at most
         assert_idle(s)
+        metrics = httpx.get(s.url + "/metrics").text
+        assert (
+            f'vllm:request_success_total{{finished_reason="abort",model_name="{MODEL}"}} 1.0'
+            in metrics
+        )
+        assert not s.state.metrics._progress
 
 
 def test_disconnect_of_a_non_streaming_request_aborts_it(tok):

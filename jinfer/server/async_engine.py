@@ -160,15 +160,21 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Ends a request (client gone); its pages are freed before the next engine step."""
-        if self._pending.pop(request_id, None) is not None:
-            self._send(("abort", request_id))
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            self._send(("abort", _aborted(request_id, pending)))
 
     def abort_all(self) -> None:
         """Ends every request with a final output whose unfinished choices say `abort`."""
         for request_id, pending in list(self._pending.items()):
             self._pending.pop(request_id, None)
-            self._send(("abort", request_id))
-            pending.stream.put(_aborted(request_id, pending))
+            final = _aborted(request_id, pending)
+            self._send(("abort", final))
+            pending.stream.put(final)
+
+    def _report(self, out: RequestOutput) -> None:
+        if self.on_output is not None:
+            self.on_output(out)
 
     def _send(self, item: tuple[str, Any]) -> None:
         with self._lock:
@@ -183,8 +189,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     for out in outputs:
-                        if self.on_output is not None:
-                            self.on_output(out)
+                        self._report(out)
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
                 else:
@@ -199,8 +204,9 @@ class AsyncEngine:
         with self._lock:
             items, self._inbox = self._inbox, []
         for kind, payload in items:
-            if kind == "abort":
-                self.engine.abort(payload)
+            if kind == "abort":  # payload: the request's final output, for the metrics
+                self.engine.abort(payload.request_id)
+                self._report(payload)
                 continue
             request_id, ids, params, prompt = payload
             try:

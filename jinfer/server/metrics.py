@@ -160,9 +160,10 @@ class ServerMetrics:
         elif seen is not None and tokens > seen[0]:
             self.itl.labels(name).observe(now - seen[1])
         if out.finished:
-            for o in out.outputs:
-                self.request_success.labels(name, o.finish_reason or "abort").inc()
-            if m is not None:
+            reasons = [o.finish_reason or "abort" for o in out.outputs]
+            for reason in reasons:
+                self.request_success.labels(name, reason).inc()
+            if m is not None and any(r != "abort" for r in reasons):
                 self.e2e.labels(name).observe(now - m.arrival_time)
 
     def render(self) -> bytes:

@@ -34,6 +34,9 @@ from jinfer.server.errors import APIError, bad_request
 log = logging.getLogger(__name__)
 
 
+MAX_N = 128  # choices per request
+
+
 class ClientGone(Exception):
     """The client closed the connection."""
 
@@ -156,6 +159,8 @@ class Serving:
             raise bad_request(str(e), param) from None
 
     def _sampling_params(self, body: Any, max_tokens: int | None, logprobs: int | None) -> Any:
+        if body.n > MAX_N:
+            raise bad_request(f"n must be at most {MAX_N}, got {body.n}", "n")
         try:
             params = body.sampling_params(max_tokens, logprobs)
             self.engine.engine.validate_params(params)
