@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import registry
+from jinfer.compile_cache import enable_persistent_cache
 from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache
@@ -94,6 +95,7 @@ class LLM:
         seed: int = 0,
         warmup: bool = True,
     ) -> None:
+        enable_persistent_cache()
         self.tokenizer = tokenizer
         self.model_config = cfg
         max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
