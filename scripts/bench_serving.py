@@ -1,16 +1,25 @@
-"""Serving latency: TTFT and inter-token latency percentiles at several concurrency levels.
+"""Serving benchmark for any OpenAI-compatible server, with vLLM `bench serve`'s metric definitions.
 
-Drives a live `python -m jinfer.serve` over real HTTP with streaming chat requests: C clients in
-a closed loop (each sends its next request as soon as its last one ends), C in --concurrency.
+Workloads are seeded and follow real traffic (lengths in tokens, before --scale):
 
-    # launches the server itself (and stops it at the end)
-    python scripts/bench_serving.py --launch --concurrency 1 8 32
-    # or measures a server that is already up
-    python scripts/bench_serving.py --url http://127.0.0.1:8000 --model smollm2-135m-instruct
+    chat                short/medium prompts (50-800) and answers (30-300)
+    coding-agent        10k-30k-token prompts over a shared repository, 20-200-token answers
+    summarization       2k-8k in, 200-500 out
+    agentic-multi-turn  sessions of 3-10 turns; each turn resends the whole context plus a tool
+                        result, after a random think gap
 
-TTFT is from sending the request to the first content chunk; ITL is the gap between content
-chunks (one token each on this server); both in milliseconds. Output length is fixed with
-ignore_eos so every level does the same work.
+Load is either a fixed number of clients in a closed loop (--concurrency C ...) or Poisson arrivals
+(--request-rate R ...); each value is one level. Per level: TTFT, TPOT, ITL and end-to-end latency
+p50/p90/p99 (ms), request and token throughput, and goodput under --slo. JSON with every level, and
+a PNG (latency against throughput) when matplotlib is installed.
+
+    python scripts/bench_serving.py --launch --workload chat --concurrency 1 8 32
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --model NAME --workload all \
+        --scale 0.1 --request-rate 0.5 1 2 --json out.json --plot out.png
+
+Metric definitions (as vLLM's): TTFT = send to first content chunk; TPOT = (E2E - TTFT) /
+(output tokens - 1), per request; ITL = every gap between content chunks; E2E = send to last
+byte. Output tokens come from the server's usage report (stream_options.include_usage).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import asyncio
 import json
 import logging
 import os
+import platform
+import random
 import signal
 import socket
 import subprocess
@@ -32,97 +43,262 @@ import numpy as np
 
 log = logging.getLogger("bench_serving")
 
-TOPICS = [
-    "the water cycle", "how vaccines work", "the history of the printing press",
-    "why the sky is blue", "how a compiler works", "the rules of chess",
-    "photosynthesis", "plate tectonics", "the causes of inflation", "how bees communicate",
-    "the theory of relativity", "how to bake bread", "the French revolution",
-    "how GPS finds your position", "why cats purr", "the life of a star",
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there one all we their can has been if more when will would "
+    "who so no time people year way day man thing woman life child world school state family "
+    "student group country problem hand part place case week company system program question work "
+    "government number night point home water room mother area money story fact month lot right "
+    "study book eye job word business issue side kind head house service friend father power hour "
+    "game line end member law car city community name president team minute idea kid body"
+).split()
+CODE_LINES = [
+    "def {f}(self, {a}: int) -> int:", "    return self.{a} + {n}", "class {C}(Base):",
+    "    if {a} is None:", "        raise ValueError('{a} missing')", "for {a} in range({n}):",
+    "    total += {a} * {n}", "import {m}", "from {m} import {C}", "    # TODO: handle {a}",
+    "    result = {f}({a}, {n})", "assert {f}({n}) == {n}",
 ]  # fmt: skip
 
 
 @dataclass
-class Sample:
-    ttft: float
-    itls: list[float] = field(default_factory=list)
+class Turn:
+    user: str  # this turn's new user content (a question, a tool result, ...)
+    max_tokens: int
+    think_s: float = 0.0  # pause before sending (multi-turn sessions)
+
+
+@dataclass
+class Session:
+    system: str
+    turns: list[Turn]
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
+
+
+def _code(rng: random.Random, n_tokens: int) -> str:
+    lines, chars = [], 0
+    while chars < n_tokens * 3.2:  # ~3.2 characters per BPE token in code
+        line = rng.choice(CODE_LINES).format(
+            f=f"fn_{rng.randrange(999)}",
+            a=f"x{rng.randrange(99)}",
+            n=rng.randrange(1000),
+            C=f"Cls{rng.randrange(99)}",
+            m=f"mod{rng.randrange(50)}",
+        )
+        lines.append(line)
+        chars += len(line) + 1
+    return "\n".join(lines)
+
+
+def _length(rng: random.Random, lo: int, hi: int, scale: float) -> int:
+    return max(1, int(rng.randint(lo, hi) * scale))
+
+
+def make_sessions(name: str, num: int, seed: int, scale: float) -> list[Session]:
+    rng = random.Random(f"{name}:{seed}")
+    sessions = []
+    if name == "coding-agent":
+        repos = [_code(rng, _length(rng, 10_000, 30_000, scale)) for _ in range(3)]
+    for _ in range(num):
+        if name == "chat":
+            sessions.append(
+                Session(
+                    "You are a helpful assistant.",
+                    [Turn(_words(rng, _length(rng, 50, 800, scale)), _length(rng, 30, 300, scale))],
+                )
+            )
+        elif name == "coding-agent":
+            question = f"Find the bug in fn_{rng.randrange(999)} and propose a fix."
+            sessions.append(
+                Session(
+                    "You are a coding agent. Repository:\n" + rng.choice(repos),
+                    [Turn(question, _length(rng, 20, 200, 1.0))],
+                )
+            )
+        elif name == "summarization":
+            text = _words(rng, _length(rng, 2000, 8000, scale))
+            sessions.append(
+                Session(
+                    "Summarize the user's document.",
+                    [Turn(text, _length(rng, 200, 500, scale))],
+                )
+            )
+        elif name == "agentic-multi-turn":
+            turns = [
+                Turn(_words(rng, _length(rng, 200, 1500, scale)), _length(rng, 30, 200, scale))
+            ]
+            for _ in range(rng.randint(3, 10) - 1):
+                tool = "Tool result:\n" + _code(rng, _length(rng, 100, 800, scale))
+                turns.append(Turn(tool, _length(rng, 20, 200, scale), rng.uniform(0.5, 3.0)))
+            sessions.append(Session("You are an autonomous agent using tools.", turns))
+        else:
+            raise ValueError(f"unknown workload {name!r}")
+    return sessions
+
+
+# --------------------------------------------------------------------- client
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
     e2e: float = 0.0
-    tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    text: str = ""
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: int) -> Sample:
-    topic = TOPICS[i % len(TOPICS)]
+async def send(
+    client: httpx.AsyncClient, args: argparse.Namespace, messages: list[dict], max_tokens: int
+) -> Result:
     body = {
         "model": args.model,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant. Answer in detail."},
-            {"role": "user", "content": f"Request {i}: explain {topic} to a curious student."},
-        ],
-        "max_tokens": args.max_tokens,
-        "temperature": 0.7,
-        "seed": i,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
+    res = Result(ok=False)
+    t0 = last = time.perf_counter()
+    first = True
+    try:
+        async with client.stream("POST", args.url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    res.ok = True
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = str(chunk["error"].get("message"))[:200]
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                content = chunk["choices"][0].get("delta", {}).get("content")
+                if not content:
+                    continue
+                now = time.perf_counter()
+                if first:
+                    res.ttft, first = now - t0, False
+                else:
+                    res.itls.append(now - last)
+                last = now
+                res.text += content
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    res.e2e = time.perf_counter() - t0
+    if first:  # no visible text at all (e.g. only special tokens): first token = the end
+        res.ttft = res.e2e
+    res.ok = res.ok and not res.error
+    return res
+
+
+async def run_session(
+    client: httpx.AsyncClient, args: argparse.Namespace, s: Session, out: list[Result]
+) -> None:
+    messages = [{"role": "system", "content": s.system}]
+    for turn in s.turns:
+        if turn.think_s:
+            await asyncio.sleep(turn.think_s * args.think_scale)
+        messages.append({"role": "user", "content": turn.user})
+        res = await send(client, args, messages, turn.max_tokens)
+        out.append(res)
+        if not res.ok:
+            return
+        messages.append({"role": "assistant", "content": res.text})
+
+
+async def run_level(
+    args: argparse.Namespace, sessions: list[Session], concurrency: int | None, rate: float | None
+) -> tuple[list[Result], float]:
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=1000)
     t0 = time.perf_counter()
-    last = None
-    sample = Sample(ttft=float("nan"))
-    async with client.stream("POST", args.url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if not chunk["choices"] or not chunk["choices"][0]["delta"].get("content"):
-                continue
-            now = time.perf_counter()
-            if last is None:
-                sample.ttft = now - t0
-            else:
-                sample.itls.append(now - last)
-            last = now
-            sample.tokens += 1
-    sample.e2e = time.perf_counter() - t0
-    return sample
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        if concurrency is not None:
+            queue = iter(sessions)
+
+            async def worker() -> None:
+                for s in queue:
+                    await run_session(client, args, s, results)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            rng = np.random.default_rng(args.seed)
+            tasks = []
+            for s in sessions:
+                tasks.append(asyncio.create_task(run_session(client, args, s, results)))
+                if rate != float("inf"):
+                    await asyncio.sleep(rng.exponential(1.0 / rate))
+            await asyncio.gather(*tasks)
+    return results, time.perf_counter() - t0
 
 
-async def run_level(args: argparse.Namespace, concurrency: int) -> dict:
-    total = max(args.requests_per_client * concurrency, concurrency)
-    counter = iter(range(total))
-    samples: list[Sample] = []
+def summarize(results: list[Result], wall: float, slo: dict[str, float]) -> dict:
+    ok = [r for r in results if r.ok]
+    ms = lambda xs: np.asarray(xs, np.float64) * 1e3  # noqa: E731
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        for i in counter:
-            samples.append(await one_request(client, args, i))
+    def pct(name: str, xs: np.ndarray) -> dict:
+        if xs.size == 0:
+            return {}
+        return {f"{name}_p{p}_ms": float(np.percentile(xs, p)) for p in (50, 90, 99)} | {
+            f"{name}_mean_ms": float(xs.mean())
+        }
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    ttft = np.array([s.ttft for s in samples]) * 1e3
-    itl = np.array([x for s in samples for x in s.itls]) * 1e3
-    tokens = sum(s.tokens for s in samples)
+    ttft = ms([r.ttft for r in ok])
+    tpot = ms([r.tpot for r in ok if r.tpot is not None])
+    itl = ms([x for r in ok for x in r.itls])
+    e2e = ms([r.e2e for r in ok])
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+
+    def good(r: Result) -> bool:
+        checks = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2e": r.e2e}
+        return all(checks[k] * 1e3 <= v for k, v in slo.items())
+
     return {
-        "concurrency": concurrency,
-        "requests": len(samples),
-        "ttft_p50_ms": float(np.percentile(ttft, 50)),
-        "ttft_p99_ms": float(np.percentile(ttft, 99)),
-        "itl_p50_ms": float(np.percentile(itl, 50)),
-        "itl_p99_ms": float(np.percentile(itl, 99)),
-        "output_tok_s": tokens / wall,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
         "wall_s": wall,
+        "request_throughput": len(ok) / wall,
+        "output_tok_s": out_tokens / wall,
+        "total_tok_s": (in_tokens + out_tokens) / wall,
+        "mean_prompt_tokens": in_tokens / max(1, len(ok)),
+        "mean_output_tokens": out_tokens / max(1, len(ok)),
+        "goodput_req_s": sum(good(r) for r in ok) / wall if slo else None,
+        **pct("ttft", ttft),
+        **pct("tpot", tpot),
+        **pct("itl", itl),
+        **pct("e2e", e2e),
     }
 
 
+# ------------------------------------------------------------------- harness
 def launch(args: argparse.Namespace) -> subprocess.Popen:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args.url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "jinfer.serve", "--model", args.model, "--port", str(port)]
-    cmd += ["--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning"]
-    cmd += args.server_args
+    cmd += ["--log-level", "warning", *args.server_args]
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env={**os.environ})
     deadline = time.monotonic() + 900
@@ -139,39 +315,126 @@ def launch(args: argparse.Namespace) -> subprocess.Popen:
     raise TimeoutError("server did not become ready")
 
 
-def main() -> None:
+def print_table(rows: list[dict]) -> None:
+    cols = [
+        ("workload", "{}"), ("load", "{}"), ("req", "{}"), ("fail", "{}"),
+        ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"), ("tpot_p50_ms", "{:.1f}"),
+        ("itl_p50_ms", "{:.1f}"), ("itl_p99_ms", "{:.1f}"), ("e2e_p50_ms", "{:.0f}"),
+        ("output_tok_s", "{:.1f}"), ("goodput_req_s", "{:.2f}"),
+    ]  # fmt: skip
+    print("| " + " | ".join(c for c, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        cells = []
+        for c, fmt in cols:
+            v = row.get({"req": "requests", "fail": "failed"}.get(c, c))
+            cells.append("-" if v is None else fmt.format(v))
+        print("| " + " | ".join(cells) + " |")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        rs = [r for r in rows if r["workload"] == workload and "ttft_p50_ms" in r]
+        x = [r["output_tok_s"] for r in rs]
+        axes[0].plot(x, [r["ttft_p50_ms"] for r in rs], "o-", label=workload)
+        axes[1].plot(x, [r.get("tpot_p50_ms", np.nan) for r in rs], "o-", label=workload)
+    for ax, name in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)"), strict=True):
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("latency against throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log.info("plot written to %s", path)
+
+
+def parse_slo(items: list[str]) -> dict[str, float]:
+    slo = {}
+    for item in items:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2e") or not value:
+            raise SystemExit(f"--slo takes ttft:MS tpot:MS e2e:MS, got {item!r}")
+        slo[key] = float(value)
+    return slo
+
+
+WORKLOADS = ("chat", "coding-agent", "summarization", "agentic-multi-turn")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--launch", action="store_true", help="start the server for the run")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("server_args", nargs="*", help="extra server flags after --")
-    args = p.parse_args()
+    p.add_argument(
+        "--launch", action="store_true", help="start `python -m jinfer.serve` for the run"
+    )
+    p.add_argument("--workload", nargs="+", default=["chat"], help=f"{', '.join(WORKLOADS)} or all")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, nargs="+", help="closed-loop clients per level")
+    load.add_argument("--request-rate", type=float, nargs="+", help="Poisson sessions/s per level")
+    p.add_argument("--num-sessions", type=int, default=None, help="per level (default 2x load)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every length (CPU: 0.1)")
+    p.add_argument("--think-scale", type=float, default=1.0, help="multiply think gaps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo", nargs="*", default=[], help="goodput SLOs, e.g. ttft:2000 tpot:200")
+    p.add_argument("--json", help="write every level's metrics here")
+    p.add_argument("--plot", help="write a PNG of latency against throughput here")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("server_args", nargs="*", help="extra server flags (after --) with --launch")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    workloads = list(WORKLOADS) if args.workload == ["all"] else args.workload
+    slo = parse_slo(args.slo)
+    if args.concurrency is None and args.request_rate is None:
+        args.concurrency = [1, 8, 32]
+    levels: list[tuple[str, int | None, float | None]] = [
+        (f"c={c}", c, None) for c in args.concurrency or []
+    ] + [(f"rate={r}", None, r) for r in args.request_rate or []]
+
     proc = launch(args) if args.launch else None
+    rows: list[dict] = []
     try:
-        asyncio.run(run_level(args, 1))  # warm the path (first-request costs are not latency)
-        results = [asyncio.run(run_level(args, c)) for c in args.concurrency]
+        if not args.no_warmup:
+            asyncio.run(run_level(args, make_sessions("chat", 1, 999, 0.1), 1, None))
+        for workload in workloads:
+            for label, conc, rate in levels:
+                n = args.num_sessions or max(2, 2 * (conc or int(np.ceil(rate * 10))))
+                sessions = make_sessions(workload, n, args.seed, args.scale)
+                log.info("%s %s: %d sessions", workload, label, n)
+                results, wall = asyncio.run(run_level(args, sessions, conc, rate))
+                rows.append({"workload": workload, "load": label, **summarize(results, wall, slo)})
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-    cols = ["concurrency", "requests", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
-    print("| " + " | ".join(cols + ["out tok/s"]) + " |")
-    print("|" + "---|" * 7)
-    for r in results:
-        print(
-            f"| {r['concurrency']} | {r['requests']} | {r['ttft_p50_ms']:.0f} | "
-            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
-            f"{r['output_tok_s']:.1f} |"
-        )
+            proc.wait(120)
+    print_table(rows)
     if args.json:
+        meta = {
+            "model": args.model,
+            "url": args.url,
+            "scale": args.scale,
+            "seed": args.seed,
+            "slo_ms": slo,
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "date": time.strftime("%Y-%m-%d"),
+        }
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "max_tokens": args.max_tokens, "results": results}, f)
+            json.dump({**meta, "levels": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
 
 
 if __name__ == "__main__":
