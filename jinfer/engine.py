@@ -38,6 +38,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0
     attention_backend: str = "xla"
     seed: int = 0  # draws the seeds of requests that bring none
+    enable_prefix_caching: bool = True  # reuse full KV pages computed before (prefix_cache.py)
 
     def resolve_num_pages(self, cfg: ModelConfig, dtype: Any) -> int:
         if self.num_pages is not None:
@@ -79,6 +80,15 @@ class EngineStats:
     num_generated_tokens: int = 0
     step_time: float = 0.0
     host_time: float = 0.0
+    # Prefix cache, in tokens, counted at each admission (vllm:prefix_cache_queries / _hits).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
 
 class Engine:
@@ -99,7 +109,9 @@ class Engine:
                 f"KV cache too small: {cache.num_pages - 1} usable pages cannot hold one "
                 f"request of max_model_len={config.max_model_len} ({max_pages_per_seq} pages)"
             )
-        self.blocks = BlockManager(cache.num_pages, config.page_size)
+        self.blocks = BlockManager(
+            cache.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.blocks,
@@ -197,6 +209,10 @@ class Engine:
         """Runs one engine step; returns the current state of every request it touched."""
         plan = self.scheduler.schedule()
         self.stats.num_preemptions += len(plan.preempted)
+        if self.config.enable_prefix_caching:
+            for seq, num_cached in plan.admitted:
+                self.stats.prefix_cache_queries += seq.num_tokens
+                self.stats.prefix_cache_hits += num_cached
         if plan.is_empty:
             return []
         now = time.monotonic()
@@ -310,6 +326,7 @@ class Engine:
             outputs,
             finished,
             dataclasses.replace(req.metrics),
+            num_cached_tokens=req.states[0].seq.num_cached_tokens or 0,
         )
 
     # ------------------------------------------------------------------ status
@@ -318,7 +335,12 @@ class Engine:
         return num_compiles()
 
     def kv_cache_usage(self) -> float:
+        """Fraction of KV pages referenced by requests; idle cached pages count as free."""
         return self.blocks.usage
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (e.g. to time cold prefills); running requests go on."""
+        self.blocks.reset_prefix_cache()
 
     def num_running(self) -> int:
         return len(self.scheduler.running)

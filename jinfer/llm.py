@@ -50,7 +50,8 @@ class LLM:
     `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
     checkpoint. The options (dtype, max_model_len, tensor_parallel_size, max_num_seqs,
     max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, attention_backend, seed,
-    warmup) and their defaults are declared once, on `_setup`; an unknown one is a TypeError.
+    enable_prefix_caching, warmup) and their defaults are declared once, on `_setup`; an unknown
+    one is a TypeError.
     """
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, **options: Any) -> None:
@@ -93,6 +94,7 @@ class LLM:
         kv_cache_memory_gb: float = 2.0,
         attention_backend: str = "auto",
         seed: int = 0,
+        enable_prefix_caching: bool = True,
         warmup: bool = True,
     ) -> None:
         enable_persistent_cache()
@@ -118,6 +120,7 @@ class LLM:
             kv_cache_memory_gb=kv_cache_memory_gb,
             attention_backend=attention_backend,
             seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
         )
         pages = config.resolve_num_pages(cfg, self.dtype)
         cache = init_cache(
@@ -129,6 +132,10 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix: the next prompts are prefilled from scratch."""
+        self.engine.reset_prefix_cache()
 
     # ---------------------------------------------------------------- generate
     def generate(

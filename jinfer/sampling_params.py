@@ -17,6 +17,8 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1 disables nucleus sampling;
     min_p 0 disables min-p. A `seed` makes the request's samples reproducible whatever else is in
     the batch. `logprobs=N` returns the top-N logprobs (plus the sampled token's) per token.
+    `cache_salt` keeps the request's KV pages apart in the prefix cache: only requests with the
+    same salt (or all without one) share cached pages, so tenants cannot time each other's hits.
     """
 
     n: int = 1
@@ -37,6 +39,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -100,6 +103,10 @@ class SamplingParams:
             (
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
+            ),
+            (
+                self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
+                f"cache_salt must be a non-empty string if provided, got {self.cache_salt!r}",
             ),
         ]
         for ok, message in checks:

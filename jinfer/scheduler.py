@@ -28,6 +28,8 @@ class StepPlan:
 
     scheduled: list[tuple[Sequence, int]]
     preempted: list[Sequence]
+    # Requests admitted this step, with the prompt tokens the prefix cache already held.
+    admitted: list[tuple[Sequence, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -70,9 +72,11 @@ class Scheduler:
         # chunks, so long prompts never stall running decodes; then admit waiting requests in
         # arrival order while budget, slots and pages last (no overtaking: FCFS). When a running
         # request cannot get a page, the latest-arrived running request is preempted (its pages
-        # freed; it recomputes later from the front of the queue).
+        # freed; it recomputes later from the front of the queue). An admitted request starts
+        # from the longest prefix of full pages the prefix cache holds; only the rest costs budget.
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        admitted: list[tuple[Sequence, int]] = []
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decodes + chunks:
@@ -89,17 +93,25 @@ class Scheduler:
 
         while self.waiting and budget > 0 and self.free_slots and not preempted:
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + num_new):
+            if seq.num_computed_tokens or seq.block_table:
+                raise RuntimeError(f"waiting request {seq.request_id} still holds KV state")
+            cached = self.blocks.lookup(seq)  # leaves at least the last token to compute
+            num_cached = len(cached) * self.blocks.page_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.blocks.can_allocate(seq, num_cached + num_new, cached):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_computed_tokens + num_new)
+            self.blocks.allocate(seq, num_cached + num_new, cached)
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
             seq.slot = self.free_slots.pop()
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
+            admitted.append((seq, num_cached))
             budget -= num_new
-        return StepPlan(scheduled, preempted)
+        return StepPlan(scheduled, preempted, admitted)
 
     def _reserve(
         self,
@@ -141,5 +153,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ bookkeeping
     def on_step_done(self, plan: StepPlan) -> None:
+        """Advances each scheduled request; pages its tokens now fill become cacheable."""
         for seq, num_new in plan.scheduled:
             seq.num_computed_tokens += num_new
+            self.blocks.cache_full_pages(seq)

@@ -38,6 +38,12 @@ class Sequence:
     parent_id: str = ""  # the request this sequence is one of `n` completions of
     # Per generated token: (sampled logprob, [(token id, logprob), ...] top-N).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # Prefix cache: keys of the full pages of all_token_ids() (filled lazily, see
+    # prefix_cache.py), how many leading block-table pages are already indexed or were
+    # offered to the index, and the tokens the first admission found cached (None: not yet).
+    page_keys: list[bytes] = field(default_factory=list)
+    num_indexed_pages: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of earlier requests' full pages (default on)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("JINFER_API_KEY"),
         help="require `Authorization: Bearer KEY` on /v1/* (default: $JINFER_API_KEY)",
@@ -76,6 +82,7 @@ def make_loader(args: argparse.Namespace) -> Any:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             num_pages=args.num_pages,
             seed=args.seed,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
         return llm.engine, llm.tokenizer
 

@@ -445,3 +445,31 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=2).status_code
     except httpx.TransportError:
         return None
+
+
+def test_prefix_cache_hits_show_in_metrics_and_salts_keep_tenants_apart(tok):
+    with start(tok, page_size=4) as s:
+        s.wait_ready()
+        prompt = "a shared system prompt that is long enough to fill a few pages of the cache"
+        n_prompt = len(tok.encode(prompt))
+        body = {"prompt": prompt, "max_tokens": 2}
+        first = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-a"})
+        assert first.status_code == 200
+        other = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-b"})
+        assert other.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert _metric(s, "vllm:prefix_cache_hits_total") == 0  # different salts share nothing
+        again = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-a"})
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        hits = _metric(s, "vllm:prefix_cache_hits_total")
+        assert 0 < hits < n_prompt and hits % 4 == 0  # whole pages, never the last token
+        assert _metric(s, "vllm:prefix_cache_queries_total") == 3 * n_prompt
+        assert _metric(s, "jinfer:prefix_cache_pages") > 0
+        r = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": ""})
+        assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"]
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)

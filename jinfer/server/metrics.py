@@ -80,12 +80,26 @@ class _EngineCollector(Collector):
         yield self._counter(
             "vllm:num_preemptions", "Requests preempted (recomputed later).", stats.num_preemptions
         )
-        for name, doc in (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-        ):
-            if hasattr(stats, name):
-                yield self._counter(f"vllm:{name}", doc, getattr(stats, name))
+        yield self._counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries,
+        )
+        yield self._counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            stats.prefix_cache_hits,
+        )
+        yield self._gauge(
+            "jinfer:prefix_cache_pages",
+            "KV pages holding a cached prefix (in use or idle).",
+            e.blocks.num_cached_pages,
+        )
+        yield self._counter(
+            "jinfer:prefix_cache_evictions",
+            "Cached pages evicted for reuse.",
+            e.blocks.num_evictions,
+        )
         yield self._counter("jinfer:engine_steps", "Engine steps run.", stats.num_steps)
         yield self._counter(
             "jinfer:xla_compiles", "XLA compilations in this process.", num_compiles()

@@ -75,6 +75,7 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias,
+            cache_salt=self.cache_salt,
         )
 
     @property
