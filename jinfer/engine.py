@@ -57,6 +57,8 @@ class _SeqState:
     detok: IncrementalDetokenizer
     text: str = ""
     checked_upto: int = 0  # how much of `text` stop strings have been searched in
+    # Per-token logprob dicts built so far: each step adds one, never rebuilding the rest.
+    logprob_entries: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -300,11 +302,13 @@ class Engine:
             seq = state.seq
             logprobs = None
             if seq.params.logprobs is not None:
-                logprobs = []
-                for (chosen_lp, top), tok in zip(seq.logprobs, seq.output_token_ids, strict=True):
+                built = state.logprob_entries
+                for i in range(len(built), len(seq.logprobs)):
+                    chosen_lp, top = seq.logprobs[i]
                     entry = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(top)}
-                    entry.setdefault(tok, Logprob(chosen_lp))
-                    logprobs.append(entry)
+                    entry.setdefault(seq.output_token_ids[i], Logprob(chosen_lp))
+                    built.append(entry)
+                logprobs = list(built)
             outputs.append(
                 CompletionOutput(
                     index=state.index,
