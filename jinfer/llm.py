@@ -43,6 +43,27 @@ def resolve_dtype(dtype: str) -> Any:
     return table[dtype]
 
 
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+
+
+def resolve_attention_backend(
+    backend: str, platform: str | None = None, head_dim: int = 128
+) -> str:
+    """`auto` is the Pallas kernels on GPU/TPU and XLA on CPU, where the kernels only run in
+    Pallas's interpreter (correct, slow: for tests). "pallas" on CPU means that interpreter.
+    The GPU kernels tile the head dim, so `auto` keeps XLA for a head_dim that is not a power
+    of two."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and head_dim & (head_dim - 1):
+        log.info("head_dim %d is not a power of two: XLA attention on GPU", head_dim)
+        return "xla"
+    return "pallas" if platform in ("gpu", "tpu") else "xla"
+
+
 class LLM:
     """Loads a model once, then generates for batches of prompts with continuous batching.
 
@@ -102,8 +123,7 @@ class LLM:
                 f"max_model_len={max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        if attention_backend == "auto":
-            attention_backend = "xla"
+        attention_backend = resolve_attention_backend(attention_backend, head_dim=cfg.head_dim)
         self.dtype = resolve_dtype(dtype)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
