@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.attention import AttentionMetadata
-from pallas_kernels import decode_gpu, ragged_gpu
+from pallas_kernels import decode_gpu, ragged_gpu, ragged_tpu
 
 
 def ragged_layout(meta: AttentionMetadata) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(kv_lens [T], page_indices [T, Pmax], cu_q_lens [T + 1]) of the step's runs."""
+    """(kv_lens [T], rows [T], cu_q_lens [T + 1]) of the step's runs; run s reads the pages of
+    block-table row rows[s]."""
     pos, seq_ids = meta.positions, meta.seq_ids
     t = pos.shape[0]
     starts = jnp.ones(t, bool).at[1:].set((seq_ids[1:] != seq_ids[:-1]) | (pos[1:] != pos[:-1] + 1))
@@ -37,7 +38,7 @@ def ragged_layout(meta: AttentionMetadata) -> tuple[jax.Array, jax.Array, jax.Ar
     used = cu_q_lens[1:] > cu_q_lens[:-1]
     kv_lens = jnp.where(used, pos[last] + 1, 0).astype(jnp.int32)  # [T]
     rows = seq_ids[jnp.minimum(first, t - 1)]
-    return kv_lens, meta.block_tables[rows], cu_q_lens
+    return kv_lens, rows, cu_q_lens
 
 
 def pallas_paged_attention(
@@ -52,24 +53,24 @@ def pallas_paged_attention(
     platform = jax.default_backend()
     opts = dict(window=window, softcap=softcap)
     if platform == "tpu":
-        from pallas_kernels import ragged_tpu
-
-        kv_lens, pages, cu_q_lens = ragged_layout(meta)
+        # One kernel for every step: decode is its one-query case (see ragged_tpu.py).
+        kv_lens, rows, cu_q_lens = ragged_layout(meta)
         return ragged_tpu.ragged_paged_attention(
-            q, k_pages, v_pages, kv_lens, pages, cu_q_lens, **opts
+            q, k_pages, v_pages, kv_lens, meta.block_tables, cu_q_lens, rows, **opts
         )
     interpret = platform != "gpu"
 
     def decode(q, k_pages, v_pages, meta):
         # One token per run: token t is its own sequence.
         kv_lens = meta.positions + 1
-        pages = meta.block_tables[meta.seq_ids]
+        pages = meta.block_tables[meta.seq_ids]  # [T, Pmax]
         return decode_gpu.paged_decode_attention(
             q, k_pages, v_pages, kv_lens, pages, **opts, interpret=interpret
         )
 
     def ragged(q, k_pages, v_pages, meta):
-        kv_lens, pages, cu_q_lens = ragged_layout(meta)
+        kv_lens, rows, cu_q_lens = ragged_layout(meta)
+        pages = meta.block_tables[rows]  # [T, Pmax]
         return ragged_gpu.ragged_paged_attention(
             q, k_pages, v_pages, kv_lens, pages, cu_q_lens, **opts, interpret=interpret
         )

@@ -33,10 +33,10 @@ def test_engine_batch_becomes_one_run_per_request():
         slot_mapping=jnp.zeros(7, jnp.int32),
         block_tables=jnp.arange(6 * 4, dtype=jnp.int32).reshape(6, 4),
     )
-    kv_lens, pages, cu_q_lens = ragged_layout(meta)
+    kv_lens, rows, cu_q_lens = ragged_layout(meta)
     assert cu_q_lens.tolist() == [0, 3, 4, 5, 6, 7, 7, 7]
     assert kv_lens.tolist() == [10, 5, 1, 1, 1, 0, 0]
-    assert pages[:5, 0].tolist() == [12, 20, 4, 0, 0]
+    assert rows[:5].tolist() == [3, 5, 1, 0, 0]
 
 
 PROMPT_LENGTHS = [5, 16, 37]
