@@ -120,10 +120,10 @@ def _ragged_kernel(
                 visible = mine & key_ok & (k_pos <= q_pos)  # [M, C]
                 if window is not None:
                     visible &= k_pos > q_pos - window
-                keys = k_buf[slot].reshape(block_kv, k, h)
-                vals = v_buf[slot].reshape(block_kv, k, h)
                 for kh in range(k):
-                    _update(kh, keys[:, kh, :], vals[:, kh, :], key_ok, visible)
+                    keys = k_buf[slot, :, :, kh, :].reshape(block_kv, h)  # [C, H]
+                    vals = v_buf[slot, :, :, kh, :].reshape(block_kv, h)  # [C, H]
+                    _update(kh, keys, vals, key_ok, visible)
                 return None
 
             jax.lax.fori_loop(first_blk, stop_blk, kv_body, None)
