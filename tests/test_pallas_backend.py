@@ -21,6 +21,7 @@ def test_auto_picks_kernels_on_accelerators_and_xla_on_cpu():
     assert resolve_attention_backend("auto", platform="cpu") == "xla"
     assert resolve_attention_backend("pallas", platform="cpu") == "pallas"
     assert resolve_attention_backend("auto", platform="gpu", head_dim=80) == "xla"
+    assert resolve_attention_backend("auto", platform="tpu", tensor_parallel_size=4) == "xla"
     with pytest.raises(ValueError, match="attention_backend"):
         resolve_attention_backend("triton")
 
