@@ -1,7 +1,8 @@
 """Paged attention over a flat, ragged token batch: the one call site the model uses.
 
-`paged_attention` dispatches on `AttentionMetadata.backend`. The XLA backend here is the
-reference and the CPU path; the Pallas kernels (pallas_kernels/) plug in behind the same call.
+`paged_attention` dispatches on `AttentionMetadata.backend`: "xla" (here; the reference and the
+CPU path) or "pallas" (`pallas_attention.py`: the kernels in pallas_kernels/ on GPU/TPU, their
+interpreter on CPU). Both take the same arguments and agree to rounding.
 
 Every token t of the step belongs to request row `seq_ids[t]` and sits at `positions[t]`. Its keys
 are that request's cached positions s with
@@ -46,6 +47,10 @@ def paged_attention(
 ) -> jax.Array:  # [T, N, H]
     if meta.backend == "xla":
         return xla_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+    if meta.backend == "pallas":
+        from jinfer.pallas_attention import pallas_paged_attention
+
+        return pallas_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
     raise ValueError(f"unknown attention backend {meta.backend!r}")
 
 

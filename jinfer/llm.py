@@ -44,6 +44,31 @@ def resolve_dtype(dtype: str) -> Any:
     return table[dtype]
 
 
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+
+
+def resolve_attention_backend(
+    backend: str, platform: str | None = None, head_dim: int = 128, tensor_parallel_size: int = 1
+) -> str:
+    """`auto` is the Pallas kernels on GPU/TPU and XLA on CPU, where the kernels only run in
+    Pallas's interpreter (correct, slow: for tests). "pallas" on CPU means that interpreter.
+    `auto` keeps XLA where the kernels would not pay: a head_dim that is not a power of two
+    (the GPU kernels tile it) and tensor parallelism (`pallas_call` has no sharding rule yet, so
+    XLA would gather every head around it)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    platform = platform or jax.default_backend()
+    if tensor_parallel_size > 1:
+        log.info("tensor_parallel_size %d: XLA attention", tensor_parallel_size)
+        return "xla"
+    if platform == "gpu" and head_dim & (head_dim - 1):
+        log.info("head_dim %d is not a power of two: XLA attention on GPU", head_dim)
+        return "xla"
+    return "pallas" if platform in ("gpu", "tpu") else "xla"
+
+
 class LLM:
     """Loads a model once, then generates for batches of prompts with continuous batching.
 
@@ -106,8 +131,9 @@ class LLM:
                 f"max_model_len={max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        if attention_backend == "auto":
-            attention_backend = "xla"
+        attention_backend = resolve_attention_backend(
+            attention_backend, head_dim=cfg.head_dim, tensor_parallel_size=tensor_parallel_size
+        )
         self.dtype = resolve_dtype(dtype)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)

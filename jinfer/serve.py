@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "xla", "pallas"],
+        help="auto: Pallas kernels on GPU/TPU, XLA on CPU",
+    )
+    p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -83,6 +89,7 @@ def make_loader(args: argparse.Namespace) -> Any:
             num_pages=args.num_pages,
             seed=args.seed,
             enable_prefix_caching=args.enable_prefix_caching,
+            attention_backend=args.attention_backend,
         )
         return llm.engine, llm.tokenizer
 

@@ -1,0 +1,82 @@
+"""The Pallas attention backend: the engine's flat batch in the kernels' ragged layout.
+
+The runner's `AttentionMetadata` describes tokens (position, block-table row); the kernels want
+sequences (query runs `cu_q_lens`, `kv_lens`, page lists). A run is a maximal stretch of tokens
+of the same row at consecutive positions, which is exactly one request's share of the step:
+
+    seq_ids    [3, 3, 3, 5, 1, 0, 0]      (two padding tokens at the end: row 0, position 0)
+    positions  [7, 8, 9, 4, 0, 0, 0]
+    runs       [-------] [] [] [] []      cu_q_lens = [0, 3, 4, 5, 6, 7, 7, 7, 7]
+    kv_lens    [10, 5, 1, 1, 1, 0, 0, 0]  (last position of each run + 1)
+
+Padding tokens become one-token runs over the scratch page: harmless, and it keeps the rule free
+of engine conventions. The layout is derived inside the jitted step from arrays it already has,
+so shapes (S = T rows) stay static per token bucket and no new program is compiled.
+
+Kernel choice follows the platform the step is traced for: GPU -> the Triton kernels, TPU -> the
+Mosaic TPU kernel, CPU -> the GPU kernels in Pallas's interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.attention import AttentionMetadata
+from pallas_kernels import decode_gpu, ragged_gpu, ragged_tpu
+
+
+def ragged_layout(meta: AttentionMetadata) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(kv_lens [T], rows [T], cu_q_lens [T + 1]) of the step's runs; run s reads the pages of
+    block-table row rows[s]."""
+    pos, seq_ids = meta.positions, meta.seq_ids
+    t = pos.shape[0]
+    starts = jnp.ones(t, bool).at[1:].set((seq_ids[1:] != seq_ids[:-1]) | (pos[1:] != pos[:-1] + 1))
+    (first,) = jnp.nonzero(starts, size=t, fill_value=t)  # [T] first token of each run
+    cu_q_lens = jnp.concatenate([first, jnp.array([t])]).astype(jnp.int32)  # [T + 1]
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, t - 1)
+    used = cu_q_lens[1:] > cu_q_lens[:-1]
+    kv_lens = jnp.where(used, pos[last] + 1, 0).astype(jnp.int32)  # [T]
+    rows = seq_ids[jnp.minimum(first, t - 1)]
+    return kv_lens, rows, cu_q_lens
+
+
+def pallas_paged_attention(
+    q: jax.Array,  # [T, N, H], already scaled
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:  # [T, N, H]
+    platform = jax.default_backend()
+    opts = dict(window=window, softcap=softcap)
+    if platform == "tpu":
+        # One kernel for every step: decode is its one-query case (see ragged_tpu.py).
+        kv_lens, rows, cu_q_lens = ragged_layout(meta)
+        return ragged_tpu.ragged_paged_attention(
+            q, k_pages, v_pages, kv_lens, meta.block_tables, cu_q_lens, rows, **opts
+        )
+    interpret = platform != "gpu"
+
+    def decode(q, k_pages, v_pages, meta):
+        # One token per run: token t is its own sequence.
+        kv_lens = meta.positions + 1
+        pages = meta.block_tables[meta.seq_ids]  # [T, Pmax]
+        return decode_gpu.paged_decode_attention(
+            q, k_pages, v_pages, kv_lens, pages, **opts, interpret=interpret
+        )
+
+    def ragged(q, k_pages, v_pages, meta):
+        kv_lens, rows, cu_q_lens = ragged_layout(meta)
+        pages = meta.block_tables[rows]  # [T, Pmax]
+        return ragged_gpu.ragged_paged_attention(
+            q, k_pages, v_pages, kv_lens, pages, cu_q_lens, **opts, interpret=interpret
+        )
+
+    # A decode-only step (every token starts its own run) takes the split-K decode kernel. Both
+    # branches live in the one compiled step: which runs is decided on the device.
+    pos, seq_ids = meta.positions, meta.seq_ids
+    all_decode = jnp.all((seq_ids[1:] != seq_ids[:-1]) | (pos[1:] != pos[:-1] + 1))
+    return jax.lax.cond(all_decode, decode, ragged, q, k_pages, v_pages, meta)
