@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from jinfer import LLM, SamplingParams
+from jinfer import LLM, SamplingParams, batch_layout
 
 
 def prefill_rate(llm: LLM, prompt_len: int, seed: int) -> float:
@@ -35,9 +35,12 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--query-block", type=int, help="Bq of the prefill layout (1: per token)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.query_block is not None:
+        batch_layout.QUERY_BLOCK = args.query_block
     llm = LLM(
         args.model,
         max_model_len=args.max_model_len,
@@ -45,7 +48,8 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
     )
-    results = {"model": args.model, "buckets": list(llm.engine.runner.buckets)}
+    runner = llm.engine.runner
+    results = {"model": args.model, "query_block": runner.query_block, "buckets": runner.buckets}
     for i, n in enumerate(args.lengths):
         results[f"prefill_tok_s_{n}"] = round(
             prefill_rate(llm, min(n, args.max_model_len - 1), i), 1
