@@ -50,6 +50,7 @@ def main() -> None:
     )
     runner = llm.engine.runner
     results = {"model": args.model, "query_block": runner.query_block, "buckets": runner.buckets}
+    results["warmup_s"] = round(llm.warmup_time, 1)
     for i, n in enumerate(args.lengths):
         results[f"prefill_tok_s_{n}"] = round(
             prefill_rate(llm, min(n, args.max_model_len - 1), i), 1
