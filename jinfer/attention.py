@@ -13,6 +13,11 @@ are that request's cached positions s with
 The XLA path walks the key axis in blocks of `kv_block` positions (a whole number of pages) with
 an online softmax, gathering each token's pages from the pool. The loop's bounds are computed
 from the positions inside jit, so one compiled step serves any context length.
+
+Prefill runs may instead come in query blocks (`block_rows` / `block_lens`, see
+`blocked_attention.py`): the last NB * Bq tokens of the batch, each block Bq tokens of one
+request, which share one KV gather. The first T - NB * Bq tokens (region A: decodes, or the whole
+batch in small buckets) take the per-token path. Without blocks (None) every token is per-token.
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ class AttentionMetadata:
     block_tables: jax.Array  # [R, Pmax] int32
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
     kv_block: int = dataclasses.field(default=128, metadata=dict(static=True))
+    # Query blocks of the prefill region (the batch's last NB * Bq tokens); None: no blocks.
+    block_rows: jax.Array | None = None  # [NB] int32: block-table row of each block (padding -> 0)
+    block_lens: jax.Array | None = None  # [NB] int32: real tokens at the block's front (0..Bq)
+    query_block: int = dataclasses.field(default=16, metadata=dict(static=True))  # Bq
+
+    @property
+    def num_blocked_tokens(self) -> int:
+        """NB * Bq: how many tokens at the end of the batch the blocked path takes (static)."""
+        return 0 if self.block_rows is None else self.block_rows.shape[0] * self.query_block
 
 
 def paged_attention(
@@ -62,7 +76,50 @@ def xla_paged_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
-) -> jax.Array:
+) -> jax.Array:  # [T, N, H]
+    """Region A per token, the prefill region (if any) in query blocks; the split is static."""
+    blocked = meta.num_blocked_tokens
+    if blocked == 0:
+        return _per_token_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+    from jinfer.blocked_attention import blocked_paged_attention
+
+    a = q.shape[0] - blocked
+    out_b = blocked_paged_attention(
+        q[a:],
+        k_pages,
+        v_pages,
+        meta.positions[a:],
+        meta.block_rows,
+        meta.block_lens,
+        meta.block_tables,
+        kv_block=meta.kv_block,
+        window=window,
+        softcap=softcap,
+    )  # [NB * Bq, N, H]
+    if a == 0:
+        return out_b
+    region_a = dataclasses.replace(
+        meta,
+        positions=meta.positions[:a],
+        seq_ids=meta.seq_ids[:a],
+        slot_mapping=meta.slot_mapping[:a],
+        block_rows=None,
+        block_lens=None,
+    )
+    out_a = _per_token_attention(q[:a], k_pages, v_pages, region_a, window=window, softcap=softcap)
+    return jnp.concatenate([out_a, out_b], axis=0)
+
+
+def _per_token_attention(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:  # [T, N, H]
+    """Each token gathers its own copy of its request's KV blocks: right for decodes."""
     t, n, h = q.shape
     _, page_size, k, _ = k_pages.shape
     g = n // k

@@ -1,10 +1,12 @@
 """The jitted step: turns a `StepPlan` into padded device inputs, runs the model, samples.
 
-Shapes are static per bucket. The flat token batch is padded to the next size of the token
-ladder (16, 32, 64, ... max_num_batched_tokens); the rows that produce logits are padded to
-min(bucket, max_num_seqs). Padding tokens sit at position 0 of block-table row 0 and write to the
-scratch page. So the compiled programs are one per token bucket (plus the sampler per row
-bucket), all built by `warmup()`; after that `num_compiles` must stay still.
+Shapes are static per bucket. The flat token batch is padded to the smallest size of the token
+ladder (8, 16, 32, ... max_num_batched_tokens, then the blocked top rungs: `batch_layout.py`)
+that holds the plan's layout: decodes per token in region A, prefill runs in query blocks. The
+rows that produce logits are padded to min(bucket, max_num_seqs). Padding tokens sit at
+position 0 of block-table row 0 and write to the scratch page. So the compiled programs are one
+per token bucket (plus the sampler per row bucket), all built by `warmup()`; after that
+`num_compiles` must stay still.
 
 The cache is donated to every step: the page pool is updated in place, never copied.
 """
@@ -20,8 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jinfer import model
+from jinfer import batch_layout, model
 from jinfer.attention import AttentionMetadata
+from jinfer.batch_layout import Placement, place, region_a, token_buckets
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
@@ -65,15 +68,6 @@ _forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
 # the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
 # sampler programs down; the scatter of [rows, 512] is noise next to the [rows, V] softmax.
 BIAS_WIDTH = 512
-
-
-def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
-    sizes, t = [], smallest
-    while t < max_num_batched_tokens:
-        sizes.append(t)
-        t *= 2
-    sizes.append(max_num_batched_tokens)
-    return tuple(sizes)
 
 
 @dataclasses.dataclass
@@ -171,6 +165,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         attention_backend: str = "xla",
+        query_block: int | None = None,  # Bq; None: batch_layout.QUERY_BLOCK
     ) -> None:
         self.cfg = cfg
         self.params = params
@@ -178,25 +173,57 @@ class ModelRunner:
         self.page_size = cache.page_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.buckets = token_buckets(max_num_batched_tokens)
         self.attention_backend = attention_backend
+        # Query blocks are the XLA path's prefill layout; the Pallas kernels take ragged runs.
+        if query_block is None:
+            query_block = batch_layout.QUERY_BLOCK
+        self.query_block = query_block if attention_backend == "xla" else 1
+        self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, self.query_block)
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
         self._history_len = max_model_len
 
     # ------------------------------------------------------------------ inputs
-    def _bucket(self, num_tokens: int) -> int:
+    def _place(self, plan: StepPlan) -> Placement:
+        """The layout of `plan` in the smallest bucket that holds it."""
+        lengths = [n for _, n in plan.scheduled]
+        rows = [seq.slot for seq, _ in plan.scheduled]
         for b in self.buckets:
-            if b >= num_tokens:
-                return b
-        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+            if b >= plan.num_tokens:
+                placement = place(lengths, rows, b, self.max_num_seqs, self.query_block)
+                if placement is not None:
+                    return placement
+        raise ValueError(
+            f"{plan.num_tokens} tokens do not fit the largest bucket {self.buckets[-1]}"
+        )
+
+    def _meta(
+        self,
+        positions: np.ndarray,  # [T] int32
+        seq_ids: np.ndarray,  # [T] int32
+        slot_mapping: np.ndarray,  # [T] int32
+        block_tables: np.ndarray,  # [R, Pmax] int32
+        block_rows: np.ndarray,  # [NB] int32
+        block_lens: np.ndarray,  # [NB] int32
+    ) -> AttentionMetadata:
+        """One constructor for steps and warm-up, so both trace the same program per bucket."""
+        return AttentionMetadata(
+            positions=positions,
+            seq_ids=seq_ids,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            backend=self.attention_backend,
+            block_rows=block_rows,
+            block_lens=block_lens,
+            query_block=max(self.query_block, 1),
+        )
 
     def _rows(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
 
     def prepare(self, plan: StepPlan) -> tuple[tuple, list[Sequence], bool]:
-        num_tokens = plan.num_tokens
-        bucket = self._bucket(num_tokens)
+        placement = self._place(plan)
+        bucket = placement.bucket
         rows = self._rows(bucket)
         tokens = np.zeros(bucket, np.int32)
         positions = np.zeros(bucket, np.int32)
@@ -204,8 +231,7 @@ class ModelRunner:
         slot_mapping = np.full(bucket, SCRATCH_PAGE * self.page_size, np.int32)
         logits_idx = np.zeros(rows, np.int32)
         sampled: list[Sequence] = []
-        t = 0
-        for seq, num_new in plan.scheduled:
+        for (seq, num_new), t in zip(plan.scheduled, placement.starts, strict=True):
             start = seq.num_computed_tokens
             table = seq.block_table
             self.block_tables[seq.slot, : len(table)] = table
@@ -217,16 +243,16 @@ class ModelRunner:
             seq_ids[t : t + num_new] = seq.slot
             pages = np.asarray(table, np.int32)[pos // self.page_size]
             slot_mapping[t : t + num_new] = pages * self.page_size + pos % self.page_size
-            t += num_new
             if start + num_new == seq.num_tokens:  # reached the end: sample a next token
-                logits_idx[len(sampled)] = t - 1
+                logits_idx[len(sampled)] = t + num_new - 1
                 sampled.append(seq)
-        meta = AttentionMetadata(
-            positions=positions,
-            seq_ids=seq_ids,
-            slot_mapping=slot_mapping,
-            block_tables=self.block_tables.copy(),
-            backend=self.attention_backend,
+        meta = self._meta(
+            positions,
+            seq_ids,
+            slot_mapping,
+            self.block_tables.copy(),
+            placement.block_rows,
+            placement.block_lens,
         )
         sbatch, want_logprobs = sampling_batch(sampled, rows, self._history_len)
         return (tokens, meta, logits_idx, sbatch), sampled, want_logprobs
@@ -261,12 +287,10 @@ class ModelRunner:
         for bucket in self.buckets:
             rows = self._rows(bucket)
             zeros = np.zeros(bucket, np.int32)
-            meta = AttentionMetadata(
-                positions=zeros,
-                seq_ids=zeros,
-                slot_mapping=zeros,
-                block_tables=np.zeros_like(self.block_tables),
-                backend=self.attention_backend,
+            a = region_a(bucket, self.max_num_seqs, self.query_block)
+            no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
+            meta = self._meta(
+                zeros, zeros, zeros, np.zeros_like(self.block_tables), no_blocks, no_blocks
             )
             logits_idx = np.zeros(rows, np.int32)
             logits, self.cache = _forward(

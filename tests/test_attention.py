@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
+from jinfer.batch_layout import align, place, region_a
 
 PAGE = 4
 
@@ -83,3 +84,71 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
     want = _dense_reference(q, k_seq, v_seq, positions, window, softcap)
     assert np.all(np.isfinite(np.asarray(got)))
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("query_block", [4, 16])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("window", [None, 5, 21])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, softcap):
+    """Decodes per token in region A, prefill runs in query blocks sharing one KV gather: runs of
+    1, Bq-1, Bq, Bq+1 and several blocks, after cached prefixes that end mid-page and mid-block."""
+    rng = np.random.default_rng(query_block * 1000 + gqa * 100 + (window or 0))
+    bq = query_block
+    kv_heads, head_dim, num_pages, max_pages = 2, 8, 160, 40
+    n = kv_heads * gqa
+    # (computed before, new this step), in plan order; decodes mixed in between prefill runs
+    requests = [(5, 1), (0, bq - 1), (PAGE + 1, bq), (9, 1), (3, bq + 1), (0, 3 * bq + 2)]
+    requests += [(2 * bq + 3, 2 * bq + 1), (30, 1), (0, 2)]
+    lengths = [new for _, new in requests]
+    rows = list(range(len(requests)))
+    a = align(len(requests), bq)
+    bucket = a + sum(align(new, bq) for new in lengths if new > 1) + bq  # + an all-padding block
+    placement = place(lengths, rows, bucket, len(requests), bq)
+    assert placement is not None and region_a(bucket, len(requests), bq) == a
+
+    k_pages = rng.standard_normal((num_pages, PAGE, kv_heads, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, PAGE, kv_heads, head_dim)).astype(np.float32)
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    tables = np.zeros((len(requests), max_pages), np.int32)
+    positions = np.zeros(bucket, np.int32)
+    seq_ids = np.zeros(bucket, np.int32)
+    real, k_seq, v_seq = [], [], []
+    for r, ((done, new), start) in enumerate(zip(requests, placement.starts, strict=True)):
+        total = done + new
+        pages = [free.pop() for _ in range(-(-total // PAGE))]
+        tables[r, : len(pages)] = pages
+        ks = k_pages[pages].reshape(-1, kv_heads, head_dim)[:total]
+        vs = v_pages[pages].reshape(-1, kv_heads, head_dim)[:total]
+        positions[start : start + new] = np.arange(done, total)
+        seq_ids[start : start + new] = r
+        for i in range(new):
+            real.append(start + i)
+            k_seq.append(ks)
+            v_seq.append(vs)
+    owned = set(tables.ravel().tolist()) - {0}
+    for p in set(range(num_pages)) - owned:  # incl. scratch page 0: padding must not read it
+        k_pages[p] = np.nan
+        v_pages[p] = np.nan
+    q = rng.standard_normal((bucket, n, head_dim)).astype(np.float32)
+    meta = AttentionMetadata(
+        positions=jnp.asarray(positions),
+        seq_ids=jnp.asarray(seq_ids),
+        slot_mapping=jnp.zeros(bucket, jnp.int32),
+        block_tables=jnp.asarray(tables),
+        kv_block=8,
+        block_rows=jnp.asarray(placement.block_rows),
+        block_lens=jnp.asarray(placement.block_lens),
+        query_block=bq,
+    )
+    got = xla_paged_attention(
+        jnp.asarray(q),
+        jnp.asarray(k_pages),
+        jnp.asarray(v_pages),
+        meta,
+        window=window,
+        softcap=softcap,
+    )
+    want = _dense_reference(q[real], k_seq, v_seq, positions[real], window, softcap)
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got)[real], want, atol=2e-5, rtol=2e-5)

@@ -187,3 +187,28 @@ def test_params_naming_tokens_outside_the_vocabulary_cost_nothing(make_tiny_llm)
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate(_prompts([4]), SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_long_prompt_in_query_blocks_gives_the_per_token_tokens_and_logprobs(
+    make_tiny_llm, arch, monkeypatch
+):
+    # A 450-token prompt in 64-token chunks (context >> Bq), next to short prompts and decodes.
+    prompts = _prompts([450, 3, 40, 17])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+
+    def run():
+        outs = make_tiny_llm(arch).generate(prompts, params, use_tqdm=False)
+        logprobs = [
+            [{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs] for o in outs
+        ]
+        return _tokens(outs), logprobs
+
+    blocked_tokens, blocked_lps = run()
+    monkeypatch.setattr("jinfer.batch_layout.QUERY_BLOCK", 1)  # every token on its own
+    per_token_tokens, per_token_lps = run()
+    assert blocked_tokens == per_token_tokens
+    for got_seq, want_seq in zip(blocked_lps, per_token_lps, strict=True):
+        for got, want in zip(got_seq, want_seq, strict=True):
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[t] for t in want], list(want.values()), atol=1e-4)

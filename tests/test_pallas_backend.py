@@ -40,6 +40,26 @@ def test_engine_batch_becomes_one_run_per_request():
     assert rows[:5].tolist() == [3, 5, 1, 0, 0]
 
 
+def test_query_block_padding_looks_like_padding_to_the_ragged_layout():
+    # Bq = 4, region A = 4: a decode (row 5) + 3 padding; row 2 at 4..6 + 1 padding; row 0 at
+    # 0..4 over two blocks (its first token follows a padding token of row 0, position 0).
+    positions = [9, 0, 0, 0, 4, 5, 6, 0, 0, 1, 2, 3, 4, 0, 0, 0]
+    seq_ids = [5, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    meta = AttentionMetadata(
+        positions=jnp.array(positions, jnp.int32),
+        seq_ids=jnp.array(seq_ids, jnp.int32),
+        slot_mapping=jnp.zeros(16, jnp.int32),
+        block_tables=jnp.arange(6 * 4, dtype=jnp.int32).reshape(6, 4),
+        block_rows=jnp.array([2, 0, 0], jnp.int32),
+        block_lens=jnp.array([3, 4, 1], jnp.int32),
+        query_block=4,
+    )
+    kv_lens, rows, cu_q_lens = ragged_layout(meta)
+    assert cu_q_lens[:11].tolist() == [0, 1, 2, 3, 4, 7, 8, 13, 14, 15, 16]
+    assert kv_lens[:10].tolist() == [10, 1, 1, 1, 7, 1, 5, 1, 1, 1]
+    assert rows[:10].tolist() == [5, 0, 0, 0, 2, 0, 0, 0, 0, 0]
+
+
 PROMPT_LENGTHS = [5, 16, 37]
 
 

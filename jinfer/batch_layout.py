@@ -1,0 +1,105 @@
+"""Where each scheduled token sits in the padded flat batch: decodes per token, prefill in blocks.
+
+A bucket of T tokens is split statically into region A (the first A tokens: the per-token
+attention path) and NB query blocks of Bq tokens (`blocked_attention.py`):
+
+    A = align(min(T, max_num_seqs), Bq)       (all of T when that leaves no block)
+    [ d d d d . . . . | p p p p p . . . | p p p p p p p p | p p . . . . . . | . . . ]
+      region A: decodes  run 1, 5 tokens    run 2, 10 tokens: 2 blocks          padding
+
+Decodes (runs of one token) are packed at the front of region A; every prefill run starts a
+block and is padded to whole blocks. A bucket with no blocks takes the whole step per token,
+in plan order (as before blocks existed).
+
+Alignment costs up to Bq - 1 padding tokens per prefill run, and region A is there in every
+bucket, so a full budget of real tokens needs a bucket larger than max_num_batched_tokens. The
+runner, not the scheduler, absorbs this (the scheduler keeps counting real tokens; its chunking,
+prefix-cache lookups and preemption are untouched): the ladder's top rungs are "one prefill
+chunk plus decodes" (max_num_batched_tokens + A) and the worst case (every request a short
+prefill run) so every plan the scheduler can make fits some bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+QUERY_BLOCK = 16  # Bq; measured on CPU (SmolLM2, 8k context): see scripts/bench_prefill.py
+
+
+def align(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def region_a(bucket: int, max_num_seqs: int, query_block: int) -> int:
+    """Tokens of `bucket` that take the per-token path; the rest is whole query blocks."""
+    if query_block <= 1:
+        return bucket
+    return min(align(min(bucket, max_num_seqs), query_block), bucket)
+
+
+def token_buckets(
+    max_num_batched_tokens: int, max_num_seqs: int, query_block: int, smallest: int = 8
+) -> tuple[int, ...]:
+    """Bucket sizes: 8, 16, 32, ... up to max_num_batched_tokens, then the blocked top rungs."""
+    sizes, t = [], smallest
+    while t < max_num_batched_tokens:
+        sizes.append(t)
+        t *= 2
+    top = max_num_batched_tokens
+    a = region_a(top, max_num_seqs, query_block)
+    if a >= top:  # no blocks even in the largest bucket: every plan fits it per token
+        return (*sizes, top)
+    prefill_runs = min(max_num_seqs, max_num_batched_tokens // 2)
+    common = a + align(top, query_block)  # one full prefill chunk (and no decodes)
+    worst = a + align(top + prefill_runs * (query_block - 1), query_block)
+    return tuple(sorted({*sizes, common, worst}))
+
+
+@dataclasses.dataclass
+class Placement:
+    """The offsets of a plan's runs in one bucket, and the query-block metadata."""
+
+    bucket: int
+    starts: list[int]  # flat offset of each run's first token, in plan order
+    block_rows: np.ndarray  # [NB] int32
+    block_lens: np.ndarray  # [NB] int32
+
+
+def place(
+    run_lengths: list[int],
+    run_rows: list[int],
+    bucket: int,
+    max_num_seqs: int,
+    query_block: int,
+) -> Placement | None:
+    """Lays the runs out in `bucket`, or None when they do not fit it."""
+    a = region_a(bucket, max_num_seqs, query_block)
+    nb = (bucket - a) // max(query_block, 1)
+    block_rows = np.zeros(nb, np.int32)
+    block_lens = np.zeros(nb, np.int32)
+    if nb == 0:
+        if sum(run_lengths) > bucket:
+            return None
+        starts = [int(x) for x in np.cumsum([0, *run_lengths])[:-1]]
+        return Placement(bucket, starts, block_rows, block_lens)
+    starts: list[int] = []
+    decode_at, block = 0, 0
+    for n, row in zip(run_lengths, run_rows, strict=True):
+        if n == 1:
+            if decode_at >= a:
+                return None
+            starts.append(decode_at)
+            decode_at += 1
+            continue
+        need = -(-n // query_block)
+        if block + need > nb:
+            return None
+        starts.append(a + block * query_block)
+        block_rows[block : block + need] = row
+        block_lens[block : block + need] = np.minimum(
+            query_block, n - query_block * np.arange(need)
+        )
+        block += need
+    return Placement(bucket, starts, block_rows, block_lens)

@@ -1,0 +1,93 @@
+"""Prefill attention in query blocks: Bq tokens of one request share each gathered KV block.
+
+The per-token path (`attention.xla_paged_attention`) gathers every query token's own copy of
+each KV block: [T, C, K, H] per step of the key loop. A 512-token chunk at 8k context moves 512
+copies of the whole context through memory, and the scores are T matrix-vector products. Here
+the runner has laid each prefill run out in whole blocks of Bq consecutive positions of one
+request (`AttentionMetadata.block_rows` / `block_lens`), so one gather [NB, C, K, H] serves Bq
+queries and the scores are [Bq, H] x [H, C] matrix products.
+
+Block b holds `block_lens[b]` real tokens at the front (positions p_b, p_b + 1, ...) of
+block-table row `block_rows[b]`; the rest is padding. Padding queries see no keys and come out
+as 0; blocks of padding only (len 0) likewise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+BIG = 2**30
+
+
+def blocked_paged_attention(
+    q: jax.Array,  # [NB * Bq, N, H], already scaled
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    positions: jax.Array,  # [NB * Bq] int32
+    block_rows: jax.Array,  # [NB] int32
+    block_lens: jax.Array,  # [NB] int32
+    block_tables: jax.Array,  # [R, Pmax] int32
+    *,
+    kv_block: int,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:  # [NB * Bq, N, H]
+    nb = block_rows.shape[0]
+    tq, n, h = q.shape
+    bq = tq // nb
+    _, page_size, k, _ = k_pages.shape
+    g = n // k
+    pages_per_block = max(1, kv_block // page_size)
+    block = pages_per_block * page_size  # C
+    pad = (-block_tables.shape[1]) % pages_per_block
+    tables = jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
+    tables = tables[block_rows]  # [NB, Pmax']
+    qb = q.reshape(nb, bq, k, g, h).astype(jnp.float32)  # [NB, Bq, K, G, H]
+    pos = positions.reshape(nb, bq)  # [NB, Bq]
+    valid = jnp.arange(bq)[None, :] < block_lens[:, None]  # [NB, Bq]
+
+    # Key blocks any real query needs: from its oldest visible position to the newest.
+    hi = jnp.max(jnp.where(valid, pos, -1)) // block + 1
+    if window is None:
+        lo = jnp.int32(0)
+    else:
+        oldest = jnp.min(jnp.where(valid, pos, BIG))
+        lo = jnp.minimum(jnp.maximum(oldest - window + 1, 0) // block, hi)
+
+    def body(j, carry):
+        m, denom, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, H]
+        cols = j * pages_per_block + jnp.arange(pages_per_block)
+        page_ids = jnp.take(tables, cols, axis=1)  # [NB, pages_per_block]
+        kb = k_pages[page_ids].reshape(nb, block, k, h).astype(jnp.float32)  # [NB, C, K, H]
+        vb = v_pages[page_ids].reshape(nb, block, k, h).astype(jnp.float32)  # [NB, C, K, H]
+        s = jnp.einsum("bqkgh,bckh->bkgqc", qb, kb)  # [NB, K, G, Bq, C]
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        key_pos = j * block + jnp.arange(block)  # [C]
+        visible = key_pos[None, None, :] <= pos[:, :, None]  # [NB, Bq, C]
+        if window is not None:
+            visible &= key_pos[None, None, :] > pos[:, :, None] - window
+        visible &= valid[:, :, None]
+        vis = visible[:, None, None, :, :]  # [NB, 1, 1, Bq, C]
+        s = jnp.where(vis, s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l_new = denom * corr + p.sum(axis=-1)
+        # Keys no query of the block sees may be stale or NaN: never let 0 * NaN in.
+        seen = jnp.any(visible, axis=1)  # [NB, C]
+        vb = jnp.where(seen[:, :, None, None], vb, 0.0)
+        acc_new = acc * corr[..., None] + jnp.einsum("bkgqc,bckh->bkgqh", p, vb)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((nb, k, g, bq), NEG_INF, jnp.float32),
+        jnp.zeros((nb, k, g, bq), jnp.float32),
+        jnp.zeros((nb, k, g, bq, h), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
+    out = acc / jnp.maximum(denom, 1e-30)[..., None]  # [NB, K, G, Bq, H]
+    out = out.transpose(0, 3, 1, 2, 4)  # [NB, Bq, K, G, H]
+    return out.reshape(tq, n, h).astype(q.dtype)
