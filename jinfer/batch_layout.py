@@ -15,8 +15,8 @@ Alignment costs up to Bq - 1 padding tokens per prefill run, and region A is the
 bucket, so a full budget of real tokens needs a bucket larger than max_num_batched_tokens. The
 runner, not the scheduler, absorbs this (the scheduler keeps counting real tokens; its chunking,
 prefix-cache lookups and preemption are untouched): the ladder's top rungs are "one prefill
-chunk plus decodes" (max_num_batched_tokens + A) and the worst case (every request a short
-prefill run) so every plan the scheduler can make fits some bucket.
+chunk plus decodes" (A + 1/2, 3/4 and all of max_num_batched_tokens) and the worst case (every
+request a short prefill run), so every plan the scheduler can make fits some bucket.
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def token_buckets(
     if a >= top:  # no blocks even in the largest bucket: every plan fits it per token
         return (*sizes, top)
     prefill_runs = min(max_num_seqs, max_num_batched_tokens // 2)
-    common = a + align(top, query_block)  # one full prefill chunk (and no decodes)
+    # One prefill chunk (and decodes) of half, three quarters or all of the budget: a follow-up
+    # turn's few hundred new tokens should not pay attention for a full chunk of padding blocks.
+    chunks = {a + align(top * k // 4, query_block) for k in (2, 3, 4) if top * k // 4 > a}
     worst = a + align(top + prefill_runs * (query_block - 1), query_block)
-    return tuple(sorted({*sizes, common, worst}))
+    return tuple(sorted({*sizes, *chunks, worst}))
 
 
 @dataclasses.dataclass

@@ -107,11 +107,12 @@ class BlockManager:
         seq.num_indexed_pages = num_full
 
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached page (idle ones become free; pages in use stay with their owners
-        and are simply no longer findable)."""
+        """Forgets every cached page nobody is using (they become free). Pages in use stay
+        cached until their requests end, then become evictable as usual; on an idle engine
+        this forgets everything."""
         if self.cache is None:
             return
-        self.free_pages.extend(self.cache.clear())
+        self.free_pages.extend(self.cache.clear_idle())
 
     # --------------------------------------------------------------- allocation
     def can_allocate(self, seq: Sequence, num_tokens: int, cached: Pages[int] = ()) -> bool:

@@ -343,7 +343,8 @@ class Engine:
         return self.blocks.usage
 
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached prefix (e.g. to time cold prefills); running requests go on."""
+        """Forgets every cached prefix not in use (on an idle engine: all of them, e.g. to time
+        cold prefills); running requests go on."""
         self.blocks.reset_prefix_cache()
 
     def num_running(self) -> int:

@@ -160,7 +160,8 @@ class LLM:
         return self.tokenizer
 
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached prefix: the next prompts are prefilled from scratch."""
+        """Forgets every cached prefix (between `generate` calls nothing is in use, so all of
+        them): the next prompts are prefilled from scratch."""
         self.engine.reset_prefix_cache()
 
     # ---------------------------------------------------------------- generate

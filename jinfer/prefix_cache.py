@@ -135,10 +135,12 @@ class PrefixCache:
         self.num_evictions += 1
         return page
 
-    def clear(self) -> list[int]:
-        """Forgets every key; returns the pages that were evictable (now plain free pages)."""
+    def clear_idle(self) -> list[int]:
+        """Forgets the keys of every page nobody references and returns those pages (now plain
+        free pages). Pages in use keep their keys: a page shared by two requests must stay
+        known as a full, immutable cached page until its last user lets go."""
         freed = list(self.evictable)
-        self.page_of.clear()
-        self.key_of.clear()
+        for page in freed:
+            del self.page_of[self.key_of.pop(page)]
         self.evictable.clear()
         return freed
