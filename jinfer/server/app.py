@@ -278,13 +278,7 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         if body.prompt is not None:
             ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            try:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-                ids = state.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
-                )
-            except Exception as e:
-                raise bad_request(f"messages: {e}", "messages") from None
+            ids = serving.chat_prompt_ids(body.messages, body.add_generation_prompt)
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}
 
     @app.post("/detokenize")

@@ -135,7 +135,7 @@ class AsyncEngine:
         prompt: str | None = None,
     ) -> RequestStream:
         """Queues a validated request (call on the event loop). Raises if it cannot be taken."""
-        self._check_admission(1)
+        self.check_admission(1)
         stream = RequestStream(request_id, self._loop)
         self._pending[request_id] = _Pending(stream, prompt_token_ids, params.n)
         self._send(("add", (request_id, prompt_token_ids, params, prompt)))
@@ -144,9 +144,6 @@ class AsyncEngine:
     def check_admission(self, num_requests: int) -> None:
         """Raises QueueFullError / ShuttingDownError / EngineDeadError if `num_requests` more
         requests cannot be taken now."""
-        self._check_admission(num_requests)
-
-    def _check_admission(self, num_requests: int) -> None:
         if self.error is not None:
             raise EngineDeadError(f"the engine loop stopped: {self.error!r}")
         if self.draining:

@@ -205,25 +205,22 @@ def chat_logprobs(
     return {"content": content}
 
 
-def completion_body(
-    request_id: str, model: str, choices: list[dict[str, Any]], usage_: dict | None, chunk: bool
+def response_body(
+    kind: str,  # "completion" | "chat"
+    request_id: str,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict | None,
+    chunk: bool,
 ) -> dict[str, Any]:
+    """A response or stream chunk; only chat names its chunks differently."""
+    if kind == "completion":
+        obj = "text_completion"
+    else:
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
     return {
         "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage_,
-    }
-
-
-def chat_body(
-    request_id: str, model: str, choices: list[dict[str, Any]], usage_: dict | None, chunk: bool
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": choices,

@@ -63,6 +63,9 @@ class Generation:
         self.echo = kind == "completion" and body.echo
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
 
+    def response(self, choices: list[dict[str, Any]], usage: dict | None, chunk: bool) -> dict:
+        return P.response_body(self.kind, self.request_id, self.model, choices, usage, chunk)
+
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
     """The completion budget; a request that cannot fit the context is a 400."""
@@ -168,6 +171,19 @@ class Serving:
             raise bad_request(str(e), _param_named_in(str(e))) from None
         return params
 
+    def chat_prompt_ids(
+        self, messages: list[P.ChatMessage], add_generation_prompt: bool
+    ) -> list[int]:
+        """The chat template applied to `messages`; a 400 for what the template rejects."""
+        try:
+            plain = [{"role": m.role, "content": m.text()} for m in messages]
+            ids = self.tokenizer.apply_chat_template(
+                plain, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        except Exception as e:  # a template's raise_exception or a bad content part
+            raise bad_request(f"messages: {e}", "messages") from None
+        return list(ids)
+
     def completion(self, body: P.CompletionRequest) -> Generation:
         if body.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
@@ -191,14 +207,8 @@ class Serving:
             raise bad_request("messages is empty: give at least one message", "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
-            )
-        except Exception as e:  # a template's raise_exception or a bad content part
-            raise bad_request(f"messages: {e}", "messages") from None
-        ids = self._encode_prompt(list(ids), "messages")
+        ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt)
+        ids = self._encode_prompt(ids, "messages")
         requested = body.max_completion_tokens or body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
@@ -243,14 +253,10 @@ class Serving:
                 completion_tokens += len(o.token_ids)
                 choices.append(self._choice(gen, i, out, o, o.text, o.token_ids, chunk=False))
         prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
-        build = P.completion_body if gen.kind == "completion" else P.chat_body
-        return build(
-            gen.request_id, gen.model, choices, P.usage(prompt_tokens, completion_tokens), False
-        )
+        return gen.response(choices, P.usage(prompt_tokens, completion_tokens), chunk=False)
 
     async def stream(self, gen: Generation, sub: Submitted) -> AsyncIterator[str]:
         """SSE events: chunks in OpenAI's shape, an optional usage chunk, then `[DONE]`."""
-        build = P.completion_body if gen.kind == "completion" else P.chat_body
         include_usage = gen.body.include_usage
         usage_field = {"usage": None} if include_usage else {}
         sent_text: dict[int, str] = {}
@@ -267,7 +273,7 @@ class Serving:
                      "finish_reason": None}
                     for j in range(gen.n)
                 ]  # fmt: skip
-                body = build(gen.request_id, gen.model, first, None, True)
+                body = gen.response(first, None, chunk=True)
                 yield event({**body, **usage_field} if include_usage else _no_usage(body))
             async for i, out in sub.outputs():
                 choices = []
@@ -296,12 +302,12 @@ class Serving:
                     sent_tokens[key] = len(o.token_ids)
                     completion_tokens[key] = len(o.token_ids)
                 if choices:
-                    body = build(gen.request_id, gen.model, choices, None, True)
+                    body = gen.response(choices, None, chunk=True)
                     yield event({**body, **usage_field} if include_usage else _no_usage(body))
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
                 usage = P.usage(prompt_tokens, sum(completion_tokens.values()))
-                yield event(build(gen.request_id, gen.model, [], usage, True))
+                yield event(gen.response([], usage, chunk=True))
         except ClientGone:
             return
         except EngineDeadError as e:
