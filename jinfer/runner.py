@@ -79,8 +79,8 @@ class StepResult:
     logprobs: np.ndarray  # [n] float32
     top_ids: np.ndarray | None  # [n, MAX_LOGPROBS] when any row wants logprobs
     top_logprobs: np.ndarray | None
-    step_time: float  # seconds from launch to results on the host
-    host_time: float  # seconds spent building inputs
+    host_time: float  # seconds building inputs and dispatching the step (the device idles)
+    device_time: float  # seconds then blocked until the results reached the host
 
 
 def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[SamplingBatch, bool]:
@@ -261,15 +261,15 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         inputs, sampled, want_logprobs = self.prepare(plan)
+        out = self._run(*inputs)  # dispatched: returns before the device finishes
         t1 = time.perf_counter()
-        out = self._run(*inputs)
         n = len(sampled)
         tokens = np.asarray(out.tokens)[:n]
         logprobs = np.asarray(out.logprobs)[:n]
         top_ids = np.asarray(out.top_ids)[:n] if want_logprobs else None
         top_lps = np.asarray(out.top_logprobs)[:n] if want_logprobs else None
         t2 = time.perf_counter()
-        return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t2 - t0, t1 - t0)
+        return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t1 - t0, t2 - t1)
 
     def _run(
         self,

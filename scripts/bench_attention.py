@@ -87,7 +87,11 @@ def bench_config(args, batch: int, context: int, head_dim: int, bw: float) -> li
     kv_bytes = 2 * batch * context * KV_HEADS * head_dim * dtype.itemsize
     rows = []
     for name, fn in kernels.items():
-        sec = timed(lambda fn=fn: fn(*data), args.reps)
+        try:
+            sec = timed(lambda fn=fn: fn(*data), args.reps)
+        except Exception as e:  # one failing config (a compile error, say) must not end the sweep
+            print(f"FAILED {name} b{batch} ctx{context} h{head_dim}: {type(e).__name__}: {e}"[:600])
+            continue
         rows.append(
             dict(
                 bench="attention",
@@ -102,8 +106,17 @@ def bench_config(args, batch: int, context: int, head_dim: int, bw: float) -> li
                 copy_gb_s=round(bw / 1e9, 1),
             )
         )
-        print(json.dumps(rows[-1]), flush=True)
+        emit(rows[-1], args.json)
     return rows
+
+
+def emit(row: dict, path: str | None) -> None:
+    """Prints the row and appends it to `path` at once: a stage cut off by its timeout keeps
+    every measurement it finished."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -133,10 +146,7 @@ def main() -> None:
     if args.small:
         args.batch, args.context, args.head_dim = [1, 2], [40], [64]
         args.reps, args.copy_bytes, args.ragged, args.xla = 1, 1 << 20, True, True
-    rows = run(args)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,11 @@ def main() -> None:
     for ctx in args.context:
         for b in args.batch:
             for backend in args.attention_backend:
-                step = bench(cfg, params, dtype, b, ctx, args.page_size, backend)
+                try:
+                    step = bench(cfg, params, dtype, b, ctx, args.page_size, backend)
+                except Exception as e:  # report and go on to the next configuration
+                    print(f"FAILED {backend} b{b} ctx{ctx}: {type(e).__name__}: {e}"[:600])
+                    continue
                 kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.head_dim
                 floor = (weight_bytes + kv_bytes * dtype.itemsize) / bw
                 rows.append(
@@ -138,10 +142,10 @@ def main() -> None:
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
+                if args.json:  # appended at once: a timed-out stage keeps what it measured
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (< 8 minutes on one H100): environment facts, the kernel tests with
-# compiled (not interpreted) kernels, the decode-attention microbenchmark (GB/s vs a measured
-# copy) and the end-to-end decode step of a random-weight Llama-3-8B-shaped model (XLA vs
-# Pallas attention, ms per step vs the weight-read floor); ends with one table.
+# One call on a GPU machine (< 10 minutes on one H100/H200): environment facts, the kernel tests
+# with compiled (not interpreted) kernels plus a tiny engine end to end, the decode-attention
+# microbenchmark (GB/s vs a measured copy), the decode step of a random-weight Llama-3-8B-shaped
+# model (XLA vs Pallas attention, ms per step vs the weight-read floor), and the offline
+# benchmark (jinfer vs transformers, random Llama-3.2-1B shape); ends with one table.
 #
 # Usage (repo root):  bash scripts/gpu_check.sh [OUT_DIR]     # on the GPU machine
 #                     bash scripts/gpu_check.sh --dry-run      # on CPU: every stage, tiny sizes
-# Each stage has its own timeout (120 + 170 + 40 + 150 s), so the whole run stays under 8 min.
-# Keep the log: copy OUT_DIR/gpu_check.log to docs/gpu_runs/DATE-CARD-pallas.log and the table
-# into docs/benchmarks.md.
+# The engine tests need SmolLM2's tokenizer, which travels as .gpu/smollm2-tokenizer (an HF dir;
+# `make gpu-kit` writes it). Each stage has its own timeout (120 + 130 + 30 + 140 + 150 s) and
+# every benchmark appends its rows as it goes, so a stage cut short keeps what it measured.
+# Keep the log: copy OUT_DIR/gpu_check.log to docs/gpu_runs/DATE-CARD.log and the table into
+# docs/benchmarks.md.
 set -uo pipefail
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT"
-rm -f "$OUT"/attention.jsonl "$OUT"/step.jsonl
+rm -f "$OUT"/attention.jsonl "$OUT"/step.jsonl "$OUT"/offline.jsonl
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export JINFER_SMOLLM2_TOKENIZER=${JINFER_SMOLLM2_TOKENIZER:-$PWD/.gpu/smollm2-tokenizer}
 PY=${PY:-python3}
 SECONDS=0
 stage() { echo "== [$(printf '%3d' "$SECONDS") s] $*"; }
 {
   stage "date: $(date -u +%FT%TZ)  git: $(git rev-parse --short HEAD 2>/dev/null)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
-    || echo "no nvidia-smi (dry run?)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
+    --format=csv,noheader 2>/dev/null || echo "no nvidia-smi (dry run?)"
   $PY -W always - <<'PYEOF'
 import importlib, warnings, jax
 print("jax", jax.__version__, "devices", jax.devices())
@@ -38,23 +42,30 @@ PYEOF
   if [[ $DRY == 1 ]]; then
     stage "kernel tests (dry run: one interpreted case each)"
     timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_ragged_gpu.py tests/test_decode_gpu.py \
-      -k "gqa1 or lowers" 2>&1 | tail -3
+      -k "gqa1" 2>&1 | tail -3
     stage "attention microbenchmark (dry run)"
-    timeout 120 $PY scripts/bench_attention.py --small --json "$OUT/attention.jsonl" | tail -2
+    timeout 120 $PY scripts/bench_attention.py --small --json "$OUT/attention.jsonl"
     stage "decode step (dry run)"
-    timeout 120 $PY scripts/bench_step.py --small --json "$OUT/step.jsonl" | tail -1
+    timeout 120 $PY scripts/bench_step.py --small --json "$OUT/step.jsonl"
+    stage "offline: jinfer vs transformers (dry run)"
+    timeout 300 $PY scripts/bench_offline.py --random-shape tiny --small \
+      --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
   else
     stage "kernel tests, compiled on the GPU (+ XLA attention, sampler, tiny engine e2e)"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_ragged_gpu.py \
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" -rfE tests/test_ragged_gpu.py \
       tests/test_decode_gpu.py tests/test_attention.py tests/test_pallas_backend.py \
-      tests/test_sampling.py 2>&1 | tail -4
+      tests/test_sampling.py > "$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/pytest.log" | tail -12
     stage "attention microbenchmark: batch 1/8/64 x context 1k/4k/16k x head_dim 64/128/256"
-    timeout 170 $PY scripts/bench_attention.py --json "$OUT/attention.jsonl" | tail -1
-    timeout 40 $PY scripts/bench_attention.py --batch 64 --context 4096 --head-dim 128 --ragged \
-      --xla --json "$OUT/attention.jsonl" | tail -1
-    stage "decode step, Llama-3-8B shape, bf16, random weights: XLA vs Pallas attention"
-    timeout 150 $PY scripts/bench_step.py --shape llama3-8b --batch 1 64 --context 4096 \
-      --attention-backend xla pallas --json "$OUT/step.jsonl" | tail -1
+    timeout 130 $PY scripts/bench_attention.py --json "$OUT/attention.jsonl"
+    timeout 30 $PY scripts/bench_attention.py --batch 64 --context 4096 --head-dim 128 --ragged \
+      --xla --json "$OUT/attention.jsonl"
+    stage "decode step, Llama-3-8B shape, bf16, random weights: Pallas vs XLA attention"
+    timeout 140 $PY scripts/bench_step.py --shape llama3-8b --batch 1 64 --context 4096 \
+      --attention-backend pallas xla --json "$OUT/step.jsonl"
+    stage "offline: jinfer vs transformers, Llama-3.2-1B shape, random weights, bf16"
+    timeout 150 $PY scripts/bench_offline.py --random-shape llama3-1b \
+      --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
   fi
   stage "results"
   $PY scripts/gpu_table.py "$OUT/attention.jsonl" "$OUT/step.jsonl"

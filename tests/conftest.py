@@ -28,10 +28,17 @@ def gemma3_gguf_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_gguf_path: str):
+def smollm2_tokenizer(request):
+    """SmolLM2's tokenizer, from its GGUF file, or from the HF-style directory named by
+    $JINFER_SMOLLM2_TOKENIZER where the 98 MB file cannot go (the GPU machine)."""
+    import os
+
     from jinfer.tokenizer import load_tokenizer
 
-    return load_tokenizer(smollm2_gguf_path)
+    directory = os.environ.get("JINFER_SMOLLM2_TOKENIZER")
+    if directory:
+        return load_tokenizer(directory)
+    return load_tokenizer(request.getfixturevalue("smollm2_gguf_path"))
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 49152):

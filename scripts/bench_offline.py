@@ -1,0 +1,354 @@
+"""Offline throughput: jinfer against Hugging Face transformers (and llama.cpp) on one workload.
+
+    python scripts/bench_offline.py                                   # SmolLM2, mixed, every peer
+    python scripts/bench_offline.py --workload uniform                # 32 x 64 in, 64 out
+    python scripts/bench_offline.py --model gemma3-270m
+    python scripts/bench_offline.py --random-shape llama3-1b --tokenizer DIR   # GPU, random weights
+
+One seeded workload (token-id prompts, fixed output lengths, ignore_eos, greedy) is run by every
+engine in the same process, one after the other, each after its own warm-up:
+- jinfer: `LLM.generate` over all prompts (continuous batching);
+- Hugging Face transformers: batched `generate` (left padding, batches of --hf-batch-size in
+  order; a batch runs to its longest output, as static batching does), float32 on CPU;
+- llama.cpp (where `llama-cpp-python` is installed, GGUF models only): one sequence at a time,
+  which is what its Python API offers, on the first --llamacpp-prompts prompts.
+Output tok/s counts only the tokens each prompt asked for. Prefill tok/s is one separate prompt of
+--prefill-len tokens run to its first token. The machine's ceilings are measured here too (a
+GEMM in the model dtype, a device copy) and turned into this model's floors: the compute
+roofline (GEMM rate / FLOPs per token) and the single-stream bandwidth floor (weight bytes / copy
+rate). Prints one markdown table; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer import LLM, SamplingParams, registry
+from jinfer.config import ModelConfig
+
+log = logging.getLogger("bench_offline")
+
+RANDOM_SHAPES = {  # GPU runs: bigger shapes with random weights (no files travel); tiny: smoke
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                      num_kv_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+@dataclass
+class Work:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(kind: str, num_prompts: int, vocab: int, seed: int = 0) -> Work:
+    """`mixed`: prompt lengths log-normal around 200 (16..1024), outputs 16..256 uniform;
+    `uniform`: every prompt 64 tokens in, 64 out. Token ids avoid the first 100 (specials)."""
+    rng = np.random.default_rng(seed)
+    if kind == "mixed":
+        p_lens = np.clip(rng.lognormal(np.log(200), 0.8, num_prompts), 16, 1024).astype(int)
+        o_lens = rng.integers(16, 257, num_prompts)
+    elif kind == "uniform":
+        p_lens = np.full(num_prompts, 64)
+        o_lens = np.full(num_prompts, 64)
+    else:
+        raise ValueError(f"unknown workload {kind!r} (mixed, uniform)")
+    prompts = [rng.integers(100, vocab, n).tolist() for n in p_lens]
+    return Work(prompts, [int(n) for n in o_lens])
+
+
+# ------------------------------------------------------------------------------ ceilings
+def measure_ceilings(dtype, gemm_n: int, copy_bytes: int) -> dict:
+    """GEMM FLOP/s in `dtype` (an n x n x n product) and copy bytes/s (read + write)."""
+
+    def best(f, *args) -> float:
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    a = jnp.ones((gemm_n, gemm_n), dtype)
+    gemm = 2 * gemm_n**3 / best(jax.jit(lambda x, y: x @ y), a, a)
+    x = jnp.ones(copy_bytes // 4, jnp.float32)
+    copy = 2 * copy_bytes / best(jax.jit(lambda v: v + 1), x)
+    return {"gemm_gflop_s": round(gemm / 1e9, 1), "copy_gb_s": round(copy / 1e9, 1)}
+
+
+def model_floors(cfg: ModelConfig, itemsize: int, work: Work, ceilings: dict) -> dict:
+    """Compute roofline tok/s (matmul + attention FLOPs at the workload's mean context) and the
+    single-stream decode ceiling (every weight read once per token)."""
+    mean_ctx = np.mean([len(p) + o / 2 for p, o in zip(work.prompts, work.output_lens)])
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_ctx  # QK^T and PV
+    flops = cfg.flops_per_token() + attn
+    weight_bytes = cfg.num_params() * itemsize
+    return {
+        "gflop_per_token": round(flops / 1e9, 3),
+        "compute_roofline_tok_s": round(ceilings["gemm_gflop_s"] * 1e9 / flops, 1),
+        "weight_gb": round(weight_bytes / 1e9, 3),
+        "bandwidth_floor_tok_s": round(ceilings["copy_gb_s"] * 1e9 / weight_bytes, 1),
+    }
+
+
+# ------------------------------------------------------------------------------ engines
+def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    stats = llm.engine.stats
+    step0, dev0 = stats.step_time, stats.device_time
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    got = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert got == work.num_output_tokens, (got, work.num_output_tokens)
+    step, dev = stats.step_time - step0, stats.device_time - dev0
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prefill_prompt[::-1]}], one, use_tqdm=False)  # warm
+    t1 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prefill_prompt}], one, use_tqdm=False)
+    prefill = time.perf_counter() - t1
+    return {
+        "output_tok_s": work.num_output_tokens / wall,
+        "wall_s": wall,
+        "prefill_tok_s": len(prefill_prompt) / prefill,
+        "host_fraction": (step - dev) / step if step else 0.0,
+    }
+
+
+def load_hf(path: str | None, cfg: ModelConfig, device: str, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    if path is None:  # random weights of the same shape
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf_cfg = LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+        with torch.device(device):
+            return LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    d, f = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+    return model.to(device).eval()
+
+
+def run_hf(model, work: Work, batch_size: int, prefill_prompt: list[int], device: str) -> dict:
+    import torch
+
+    pad = 0
+
+    def generate(prompts: list[list[int]], new: int) -> None:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        generate(work.prompts[:2], 2)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(work.prompts), batch_size):
+            generate(work.prompts[i : i + batch_size], max(work.output_lens[i : i + batch_size]))
+        wall = time.perf_counter() - t0
+        generate([prefill_prompt[::-1]], 1)
+        t1 = time.perf_counter()
+        generate([prefill_prompt], 1)
+        prefill = time.perf_counter() - t1
+    return {
+        "output_tok_s": work.num_output_tokens / wall,
+        "wall_s": wall,
+        "prefill_tok_s": len(prefill_prompt) / prefill,
+    }
+
+
+def run_llamacpp(path: str, work: Work, num_prompts: int, prefill_prompt: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    threads = os.cpu_count() or 1
+    n_ctx = max(len(p) + o for p, o in zip(work.prompts, work.output_lens))
+    n_ctx = max(n_ctx, len(prefill_prompt)) + 8
+    llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
+    sub = Work(work.prompts[:num_prompts], work.output_lens[:num_prompts])
+    t0 = time.perf_counter()
+    for prompt, n in zip(sub.prompts, sub.output_lens):
+        for i, _ in enumerate(llm.generate(prompt, top_k=1, reset=True)):
+            if i + 1 == n:
+                break
+    wall = time.perf_counter() - t0
+    llm.reset()
+    llm.eval(prefill_prompt[::-1])  # warm
+    llm.reset()
+    t1 = time.perf_counter()
+    llm.eval(prefill_prompt)
+    prefill = time.perf_counter() - t1
+    return {
+        "output_tok_s": sub.num_output_tokens / wall,
+        "wall_s": wall,
+        "prefill_tok_s": len(prefill_prompt) / prefill,
+        "prompts": num_prompts,
+    }
+
+
+# ------------------------------------------------------------------------------ main
+def print_table(name: str, results: dict, floors: dict, ceilings: dict, work: Work) -> None:
+    ref = results["jinfer"]
+    print(
+        f"\n{name} on {jax.devices()[0].device_kind}: {len(work.prompts)} prompts, "
+        f"{sum(map(len, work.prompts))} prompt + {work.num_output_tokens} output tokens"
+    )
+    print("| engine | output tok/s | prefill tok/s | wall s | jinfer is x faster (out / prefill) |")
+    print("|---|---|---|---|---|")
+    for engine, r in results.items():
+        ratio = (
+            "-"
+            if engine == "jinfer"
+            else f"{ref['output_tok_s'] / r['output_tok_s']:.2f} / "
+            f"{ref['prefill_tok_s'] / r['prefill_tok_s']:.2f}"
+        )
+        note = f" ({r['prompts']} prompts, one at a time)" if "prompts" in r else ""
+        print(
+            f"| {engine}{note} | {r['output_tok_s']:.1f} | {r['prefill_tok_s']:.1f} | "
+            f"{r['wall_s']:.1f} | {ratio} |"
+        )
+    roof = floors["compute_roofline_tok_s"]
+    print(
+        f"\nceilings: GEMM {ceilings['gemm_gflop_s']} GFLOP/s, copy {ceilings['copy_gb_s']} GB/s"
+        f" -> compute roofline {roof} tok/s ({floors['gflop_per_token']} GFLOP/token), "
+        f"single-stream floor {floors['bandwidth_floor_tok_s']} tok/s "
+        f"({floors['weight_gb']} GB of weights)"
+    )
+    print(
+        f"jinfer: {ref['output_tok_s'] / roof:.0%} of the compute roofline (output tokens), "
+        f"host time {ref['host_fraction']:.1%} of step time"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=registry.DEFAULT_MODEL)
+    ap.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights")
+    ap.add_argument("--tokenizer", help="tokenizer (GGUF or HF dir) for --random-shape")
+    ap.add_argument("--workload", default="mixed", choices=["mixed", "uniform"])
+    ap.add_argument("--num-prompts", type=int, help="default: 64 mixed, 32 uniform")
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU/TPU")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"])
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--llamacpp-prompts", type=int, default=16)
+    ap.add_argument("--small", action="store_true", help="a quick smoke run (8 prompts, short)")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from jinfer.llm import resolve_dtype
+    from jinfer.params import init_params
+    from jinfer.tokenizer import load_tokenizer
+    from jinfer.weights import load_weights
+
+    on_cpu = jax.default_backend() == "cpu"
+    dtype_name = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+    options = dict(
+        dtype=dtype_name,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,  # unique prompts; the prefill probe reruns one length
+    )
+    path = None
+    if args.random_shape:
+        tokenizer = load_tokenizer(args.tokenizer or str(registry.resolve_model(args.model)))
+        vocab = tokenizer.vocab_size
+        cfg = ModelConfig(arch="llama", vocab_size=vocab, **RANDOM_SHAPES[args.random_shape])
+        name = f"{args.random_shape} (random weights, vocab {vocab})"
+        params = init_params(cfg, dtype=resolve_dtype(dtype_name), on_device=True)
+        llm = LLM.from_params(cfg, params, tokenizer, **options)
+        args.peers = [p for p in args.peers if p != "llama.cpp"]
+    else:
+        path = str(registry.resolve_model(args.model))
+        cfg = load_weights(path)[0]
+        name = args.model
+        llm = LLM(args.model, **options)
+    vocab = cfg.vocab_size
+    num = args.num_prompts or (64 if args.workload == "mixed" else 32)
+    if args.small:
+        num, args.prefill_len, args.llamacpp_prompts = 8, 128, 2
+    work = make_workload(args.workload, num, vocab)
+    if args.small:
+        work.output_lens = [min(n, 16) for n in work.output_lens]
+    prefill_prompt = np.random.default_rng(1).integers(100, vocab, args.prefill_len).tolist()
+    itemsize = jnp.dtype(dtype_name).itemsize
+    ceilings = measure_ceilings(
+        jnp.dtype(dtype_name), 1024 if on_cpu else 8192, (1 << 28) if on_cpu else (1 << 30)
+    )
+    floors = model_floors(cfg, itemsize, work, ceilings)
+
+    results = {"jinfer": run_jinfer(llm, work, prefill_prompt)}
+    log.info("jinfer: %s", results["jinfer"])
+    del llm
+    if "hf" in args.peers:
+        try:
+            import torch
+
+            device = "cpu" if on_cpu else "cuda"
+            if on_cpu:
+                torch.set_num_threads(os.cpu_count() or 1)
+            model = load_hf(path, cfg, device, dtype_name)
+            results["transformers"] = run_hf(
+                model, work, args.hf_batch_size, prefill_prompt, device
+            )
+            log.info("transformers: %s", results["transformers"])
+            del model
+        except ImportError as e:
+            log.warning("transformers peer skipped: %s", e)
+    if "llama.cpp" in args.peers and path and path.endswith(".gguf"):
+        try:
+            results["llama.cpp"] = run_llamacpp(path, work, args.llamacpp_prompts, prefill_prompt)
+            log.info("llama.cpp: %s", results["llama.cpp"])
+        except ImportError:
+            log.warning("llama.cpp peer skipped: llama-cpp-python is not installed")
+    print_table(name, results, floors, ceilings, work)
+    if args.json:
+        with open(args.json, "a") as f:
+            row = dict(bench="offline", model=name, workload=args.workload, dtype=dtype_name,
+                       device=jax.devices()[0].device_kind, **ceilings, **floors,
+                       results=results)  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
