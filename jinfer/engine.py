@@ -219,14 +219,15 @@ class Engine:
         return self.scheduler.has_work()
 
     # -------------------------------------------------------------------- step
-    def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns the current state of every request it touched."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Runs one engine step; returns the current state of every request it touched, or of
+        those it finished (offline callers: no per-step copies of growing outputs)."""
         t0 = time.perf_counter()
-        outputs = self._step()
+        outputs = self._step(finished_only)
         self.stats.step_time += time.perf_counter() - t0
         return outputs
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         self.stats.num_preemptions += len(plan.preempted)
         if self.config.enable_prefix_caching:
@@ -245,7 +246,7 @@ class Engine:
         self.stats.num_steps += 1
         self.stats.device_time += result.device_time
         touched = self._postprocess(result)
-        return [self._output(req) for req in touched]
+        return [self._output(req) for req in touched if req.finished or not finished_only]
 
     def _postprocess(self, result: StepResult) -> list[_Request]:
         touched: dict[str, _Request] = {}

@@ -234,7 +234,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm)
         try:
             while pending:
-                for out in self.engine.step():
+                for out in self.engine.step(finished_only=True):
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         done[out.request_id] = out

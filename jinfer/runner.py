@@ -181,6 +181,7 @@ class ModelRunner:
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, self.query_block)
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
+        self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
         self._history_len = max_model_len
 
     # ------------------------------------------------------------------ inputs
@@ -218,6 +219,20 @@ class ModelRunner:
             query_block=max(self.query_block, 1),
         )
 
+    def _write_table(self, slot: int, table: list[int]) -> None:
+        """Mirrors `table` into row `slot` of the host block tables, writing only what changed:
+        tables only grow by appending, or are replaced by a new list (a new sequence, a
+        preemption), so (list identity, length) says what is already there."""
+        written = self._written.get(slot)
+        if written is not None and written[0] is table:
+            if written[1] == len(table):
+                return
+            self.block_tables[slot, written[1] : len(table)] = table[written[1] :]
+        else:
+            self.block_tables[slot, : len(table)] = table
+            self.block_tables[slot, len(table) :] = SCRATCH_PAGE
+        self._written[slot] = (table, len(table))
+
     def _rows(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
 
@@ -233,17 +248,23 @@ class ModelRunner:
         sampled: list[Sequence] = []
         for (seq, num_new), t in zip(plan.scheduled, placement.starts, strict=True):
             start = seq.num_computed_tokens
+            end = start + num_new
             table = seq.block_table
-            self.block_tables[seq.slot, : len(table)] = table
-            self.block_tables[seq.slot, len(table) :] = SCRATCH_PAGE
-            pos = np.arange(start, start + num_new, dtype=np.int32)
-            all_ids = seq.all_token_ids()
-            tokens[t : t + num_new] = all_ids[start : start + num_new]
-            positions[t : t + num_new] = pos
+            self._write_table(seq.slot, table)
+            tokens[t : t + num_new] = seq.token_slice(start, end)
+            positions[t : t + num_new] = np.arange(start, end, dtype=np.int32)
             seq_ids[t : t + num_new] = seq.slot
-            pages = np.asarray(table, np.int32)[pos // self.page_size]
-            slot_mapping[t : t + num_new] = pages * self.page_size + pos % self.page_size
-            if start + num_new == seq.num_tokens:  # reached the end: sample a next token
+            if num_new == 1:  # a decode: no arrays to build
+                slot_mapping[t] = table[start // self.page_size] * self.page_size
+                slot_mapping[t] += start % self.page_size
+            else:
+                pos = positions[t : t + num_new]
+                first = start // self.page_size
+                pages = np.asarray(table[first : (end - 1) // self.page_size + 1], np.int32)
+                slot_mapping[t : t + num_new] = (
+                    pages[pos // self.page_size - first] * self.page_size + pos % self.page_size
+                )
+            if end == seq.num_tokens:  # reached the end: sample a next token
                 logits_idx[len(sampled)] = t + num_new - 1
                 sampled.append(seq)
         meta = self._meta(

@@ -1,11 +1,13 @@
 """Batched sampling on device: one compiled function serves every mix of settings.
 
-Rows are requests. The expensive optional parts (penalties, the sort behind top-k/top-p, top-N
-logprobs) sit behind `lax.cond`, so a batch that does not use them does not pay for them, and no
-setting ever triggers a new compile.
+Rows are requests. The expensive optional parts (penalties, the random draw, the top-k/top-p
+threshold, top-N logprobs) sit behind `lax.cond`, so a batch that does not use them does not pay
+for them, and no setting ever triggers a new compile. Nothing sorts the vocabulary: top-k/top-p
+read the best CANDIDATES tokens and fall back to an exact bisection when the answer lies beyond.
 
-Per-row randomness comes from the request's own seed folded with its output index, so a seeded
-request draws the same tokens whatever else shares the batch. Greedy rows take the argmax.
+A sampled row draws one uniform number from the request's own seed folded with its output index
+(so a seeded request draws the same tokens whatever else shares the batch) and inverts the
+cumulative distribution of the kept tokens. Greedy rows take the argmax.
 Logprobs are those of the model's raw distribution (vLLM's default), before any processing.
 """
 
@@ -69,64 +71,135 @@ def _apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (counts > 0)
 
 
-def _top_k_top_p_threshold(scaled: jax.Array, s: SamplingBatch) -> jax.Array:
-    """Per-row logit threshold below which tokens are dropped by top-k and top-p. [B, 1]."""
+CANDIDATES = 128  # top-k/top-p look at this many best tokens first (no full-vocabulary sort)
+BLOCK = 256  # inverse-CDF sampling: the vocabulary in blocks of this many tokens
+BISECT_STEPS = 32
+
+
+def _bisect(lo: jax.Array, hi: jax.Array, ok) -> jax.Array:
+    """Largest t in [lo, hi] with ok(t) (ok is monotone: true at lo, false above the answer),
+    to float precision. lo, hi [B, 1]."""
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, BISECT_STEPS, body, (lo, hi))
+    return lo
+
+
+def _top_k_top_p_threshold(
+    scaled: jax.Array, weights: jax.Array, s: SamplingBatch, candidates: int = CANDIDATES
+) -> jax.Array:
+    """Per-row logit threshold below which tokens are dropped by top-k and top-p. [B, 1].
+
+    `weights` [B, V] = exp(scaled - row max), summing to Z. The answer usually lies among the
+    `candidates` best tokens (k <= candidates, and they already hold top_p of the mass); rows
+    where it does not are settled exactly by bisection on the logit value over the whole
+    vocabulary -- never a full sort (one sort of 64 x 49k floats takes a second on a CPU).
+    """
     v = scaled.shape[-1]
-    desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
+    c = min(candidates, v)
+    z = jnp.sum(weights, axis=-1, keepdims=True)  # [B, 1]
+    best = jax.lax.top_k(scaled, c)[0]  # [B, C] descending
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)[:, None]  # [B, 1]
+    kth = jnp.take_along_axis(best, jnp.minimum(k, c) - 1, axis=-1)
+    p = jnp.exp(best - jnp.max(scaled, axis=-1, keepdims=True)) / z  # [B, C]
+    before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each candidate
     keep = before < s.top_p[:, None]
-    pth = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.maximum(kth, pth)
+    pth = jnp.min(jnp.where(keep, best, jnp.inf), axis=-1, keepdims=True)
+    top_p_on = s.top_p[:, None] < 1.0
+    k_inside = k <= c
+    p_inside = ~top_p_on | (jnp.sum(p, axis=-1, keepdims=True) >= s.top_p[:, None])
+
+    def exact(_):
+        hi = jnp.max(scaled, axis=-1, keepdims=True)
+        # Below hi - 128 a weight is 0 in float32 (and banned tokens sit at -1e30): searching
+        # there would only cost precision.
+        lo = jnp.maximum(jnp.min(scaled, axis=-1, keepdims=True), hi - 128.0)
+        kth_x = _bisect(lo, hi, lambda t: jnp.sum(scaled >= t, -1, keepdims=True) >= k)
+        mass = lambda t: jnp.sum(jnp.where(scaled >= t, weights, 0), -1, keepdims=True)  # noqa: E731
+        pth_x = _bisect(lo, hi, lambda t: mass(t) >= s.top_p[:, None] * z)
+        return jnp.where(k_inside, kth, kth_x), jnp.where(p_inside, pth, pth_x)
+
+    kth, pth = jax.lax.cond(jnp.all(k_inside & p_inside), lambda _: (kth, pth), exact, None)
+    return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
 
 
-def _gumbel(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array, v: int) -> jax.Array:
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """The token whose cumulative weight first exceeds u [B] (u in [0, row sum)). [B] i32.
+
+    Two levels, so no [B, V] cumulative sum (slow on XLA:CPU): block sums find the block, then
+    one block per row is scanned."""
+    b, v = weights.shape
+    nb = -(-v // BLOCK)
+    w = jnp.pad(weights, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
+    block_sums = jnp.sum(w, axis=-1)  # [B, NB]
+    block_cum = jnp.cumsum(block_sums, axis=-1)
+    bi = jnp.minimum(jnp.sum(block_cum <= u[:, None], axis=-1), nb - 1)  # [B]
+    start = jnp.take_along_axis(block_cum - block_sums, bi[:, None], axis=-1)  # [B, 1]
+    inner = jnp.take_along_axis(w, bi[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    inner_cum = start + jnp.cumsum(inner, axis=-1)
+    j = jnp.minimum(jnp.sum(inner_cum <= u[:, None], axis=-1), BLOCK - 1)
+    token = bi * BLOCK + j
+    # Rounding can land on a zero-weight token at a block's end: take the row's best instead.
+    hit = jnp.take_along_axis(inner, j[:, None], axis=-1)[:, 0] > 0
+    return jnp.where(hit, token, jnp.argmax(weights, axis=-1)).astype(jnp.int32)
+
+
+def _uniform(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array) -> jax.Array:
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed_lo), seed_hi), counter)
-    return jax.random.gumbel(key, (v,), jnp.float32)
+    return jax.random.uniform(key, (), jnp.float32)
+
+
+def _sample_rows(x: jax.Array, s: SamplingBatch) -> jax.Array:
+    """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B]."""
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = x / temp
+    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # [B, V], max 1
+    needs_threshold = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
+    threshold = jax.lax.cond(
+        needs_threshold,
+        _top_k_top_p_threshold,
+        lambda y, *_: jnp.full((y.shape[0], 1), -jnp.inf, y.dtype),
+        scaled,
+        weights,
+        s,
+    )
+    # min-p: relative to the best token's probability, i.e. to its weight of 1.
+    drop = (scaled < threshold) | (weights < s.min_p[:, None])
+    weights = jnp.where(drop, 0.0, weights)
+    u = jax.vmap(_uniform)(s.seed_lo, s.seed_hi, s.counter) * jnp.sum(weights, axis=-1)
+    return _inverse_cdf(weights, u)
 
 
 @jax.jit
 def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     """logits [B, V] float32 -> one token per row, with logprobs."""
     b, v = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = jax.lax.cond(s.use_penalties, _apply_penalties, lambda x, _: x, logits, s)
     rows = jnp.arange(b)[:, None]
     bias_ids = jnp.where(s.bias_ids >= 0, s.bias_ids, v)
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    scaled = x / temp
-    needs_sort = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
-    threshold = jax.lax.cond(
-        needs_sort,
-        _top_k_top_p_threshold,
-        lambda y, _: jnp.full((b, 1), -jnp.inf, y.dtype),
-        scaled,
-        s,
-    )
-    probs = jax.nn.softmax(scaled, axis=-1)
-    min_p_cut = s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    drop = (scaled < threshold) | (probs < min_p_cut)
-    scaled = jnp.where(drop, NEG_INF, scaled)
-    noise = jax.vmap(_gumbel, in_axes=(0, 0, 0, None))(s.seed_lo, s.seed_hi, s.counter, v)
-    sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(s.temperature > 0), _sample_rows, lambda x, _: greedy, x, s)
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
 
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, 1]
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse[:, 0]
     top_vals, top_ids = jax.lax.cond(
         s.want_logprobs,
-        lambda lp: tuple(jax.lax.top_k(lp, MAX_LOGPROBS)),
-        lambda lp: (
-            jnp.zeros((b, MAX_LOGPROBS), lp.dtype),
+        lambda lg: tuple(jax.lax.top_k(lg, MAX_LOGPROBS)),
+        lambda lg: (
+            jnp.zeros((b, MAX_LOGPROBS), lg.dtype),
             jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
         ),
-        raw_logprobs,
+        logits,
     )
-    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_vals)
+    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_vals - lse)
 
 
 def split_seed(seed: int) -> tuple[np.uint32, np.uint32]:

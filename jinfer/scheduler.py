@@ -79,15 +79,20 @@ class Scheduler:
         admitted: list[tuple[Sequence, int]] = []
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        used = 0
         for seq in decodes + chunks:
-            budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+            budget = self.config.max_num_batched_tokens - used
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
+            num_preempted = len(preempted)
             if self._reserve(seq, num_new, preempted, scheduled):
                 scheduled.append((seq, num_new))
+                used += num_new
+            if len(preempted) != num_preempted:  # a preemption may have unscheduled others
+                used = sum(n for _, n in scheduled)
 
         budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
 

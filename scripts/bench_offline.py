@@ -96,7 +96,8 @@ def measure_ceilings(dtype, gemm_n: int, copy_bytes: int) -> dict:
 def model_floors(cfg: ModelConfig, itemsize: int, work: Work, ceilings: dict) -> dict:
     """Compute roofline tok/s (matmul + attention FLOPs at the workload's mean context) and the
     single-stream decode ceiling (every weight read once per token)."""
-    mean_ctx = np.mean([len(p) + o / 2 for p, o in zip(work.prompts, work.output_lens)])
+    pairs = zip(work.prompts, work.output_lens, strict=True)
+    mean_ctx = np.mean([len(p) + o / 2 for p, o in pairs])
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_ctx  # QK^T and PV
     flops = cfg.flops_per_token() + attn
     weight_bytes = cfg.num_params() * itemsize
@@ -110,7 +111,9 @@ def model_floors(cfg: ModelConfig, itemsize: int, work: Work, ceilings: dict) ->
 
 # ------------------------------------------------------------------------------ engines
 def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens
+    ]
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     stats = llm.engine.stats
     step0, dev0 = stats.step_time, stats.device_time
@@ -199,12 +202,12 @@ def run_llamacpp(path: str, work: Work, num_prompts: int, prefill_prompt: list[i
     from llama_cpp import Llama
 
     threads = os.cpu_count() or 1
-    n_ctx = max(len(p) + o for p, o in zip(work.prompts, work.output_lens))
+    n_ctx = max(len(p) + o for p, o in zip(work.prompts, work.output_lens, strict=True))
     n_ctx = max(n_ctx, len(prefill_prompt)) + 8
     llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
     sub = Work(work.prompts[:num_prompts], work.output_lens[:num_prompts])
     t0 = time.perf_counter()
-    for prompt, n in zip(sub.prompts, sub.output_lens):
+    for prompt, n in zip(sub.prompts, sub.output_lens, strict=True):
         for i, _ in enumerate(llm.generate(prompt, top_k=1, reset=True)):
             if i + 1 == n:
                 break

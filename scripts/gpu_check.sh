@@ -46,7 +46,7 @@ PYEOF
     stage "attention microbenchmark (dry run)"
     timeout 120 $PY scripts/bench_attention.py --small --json "$OUT/attention.jsonl"
     stage "decode step (dry run)"
-    timeout 120 $PY scripts/bench_step.py --small --json "$OUT/step.jsonl"
+    timeout 120 $PY scripts/bench_step.py --small --matmul-only --json "$OUT/step.jsonl"
     stage "offline: jinfer vs transformers (dry run)"
     timeout 300 $PY scripts/bench_offline.py --random-shape tiny --small \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
@@ -62,7 +62,7 @@ PYEOF
       --xla --json "$OUT/attention.jsonl"
     stage "decode step, Llama-3-8B shape, bf16, random weights: Pallas vs XLA attention"
     timeout 140 $PY scripts/bench_step.py --shape llama3-8b --batch 1 64 --context 4096 \
-      --attention-backend pallas xla --json "$OUT/step.jsonl"
+      --attention-backend pallas xla --matmul-only --json "$OUT/step.jsonl"
     stage "offline: jinfer vs transformers, Llama-3.2-1B shape, random weights, bf16"
     timeout 150 $PY scripts/bench_offline.py --random-shape llama3-1b \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO

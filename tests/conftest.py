@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import pytest
+
+if jax.default_backend() == "gpu":
+    # Tests compare float32 results with references at ~1e-5; NVIDIA GPUs would run float32
+    # matmuls as TF32 (~1e-3) unless told otherwise. Speed is the benchmarks' business.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +89,7 @@ def make_tiny_llm(smollm2_tokenizer):
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("max_num_seqs", 8)
         kwargs.setdefault("max_num_batched_tokens", 64)
+        kwargs.setdefault("dtype", "float32")  # "auto" is bfloat16 on accelerators
         return LLM.from_params(cfg, params, smollm2_tokenizer, **kwargs)
 
     return make

@@ -114,3 +114,53 @@ def test_logprobs_are_the_raw_distribution(logits):
     np.testing.assert_array_equal(np.asarray(out.top_ids)[0, :5], order)
     np.testing.assert_allclose(np.asarray(out.top_logprobs)[0, :5], want[order], atol=1e-5)
     np.testing.assert_allclose(float(out.logprobs[0]), want[order[0]], atol=1e-5)
+
+
+def _many_rows(params: SamplingParams, probs: np.ndarray, n: int) -> np.ndarray:
+    """n draws from one distribution: n rows with seeds 0..n-1 in one batch."""
+    logits = np.tile(np.log(probs).astype(np.float32), (n, 1))
+    tokens, _ = _sample(logits, [_seq(params, seed=s) for s in range(n)])
+    return np.bincount(tokens, minlength=len(probs)) / n
+
+
+def test_sampled_frequencies_follow_the_tempered_distribution():
+    # 600 tokens (3 blocks of 256 minus padding): the two-level inverse CDF crosses blocks.
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(600, 0.05))
+    freq = _many_rows(SamplingParams(temperature=2.0), probs, 8192)
+    want = probs**0.5 / np.sum(probs**0.5)
+    # The same statistic for exact draws (numpy's multinomial): ours must be no worse than noise.
+    noise = [np.abs(rng.multinomial(8192, want) / 8192 - want).sum() for _ in range(50)]
+    assert np.abs(freq - want).sum() < np.quantile(noise, 0.99) * 1.1
+
+
+def test_top_p_draws_follow_the_renormalized_nucleus():
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04] + [1e-30] * (V - 6))
+    freq = _many_rows(SamplingParams(temperature=1.0, top_p=0.75), probs, 8192)
+    want = np.array([0.4, 0.25, 0.15] + [0] * (V - 3)) / 0.8
+    np.testing.assert_allclose(freq, want, atol=0.025)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.999), (300, 1.0), (40, 0.95), (700, 0.5)])
+def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top_p):
+    # A flat-ish distribution: nucleus and k both exceed 2 candidates, forcing the bisection.
+    import jax.numpy as jnp
+
+    from jinfer.sampling import _top_k_top_p_threshold
+
+    rng = np.random.default_rng(top_k)
+    scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))
+    weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))
+    seqs = [_seq(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))] * 3
+    batch, _ = sampling_batch(seqs, 3, history_len=8)
+    kept = {}
+    for c in (1000, 2):
+        th = _top_k_top_p_threshold(scaled, weights, batch, candidates=c)
+        kept[c] = np.asarray(scaled >= th)
+    np.testing.assert_array_equal(kept[2], kept[1000])
+    order = np.sort(np.asarray(scaled), axis=-1)[:, ::-1]
+    p = np.exp(order - order[:, :1])
+    p /= p.sum(-1, keepdims=True)
+    n_p = (np.cumsum(p, -1) - p < top_p).sum(-1)  # smallest prefix reaching top_p
+    want = np.minimum(n_p, top_k or 1000)
+    np.testing.assert_array_equal(kept[1000].sum(-1), want)
