@@ -274,6 +274,13 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"])
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--llamacpp-prompts", type=int, default=16)
+    ap.add_argument(
+        "--profile-host",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first run the workload under cProfile and print its N costliest functions",
+    )
     ap.add_argument("--small", action="store_true", help="a quick smoke run (8 prompts, short)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
@@ -320,6 +327,13 @@ def main() -> None:
     )
     floors = model_floors(cfg, itemsize, work, ceilings)
 
+    if args.profile_host:  # where the host time goes: the engine loop under cProfile
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.runcall(run_jinfer, llm, work, prefill_prompt)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_host)
     results = {"jinfer": run_jinfer(llm, work, prefill_prompt)}
     log.info("jinfer: %s", results["jinfer"])
     del llm

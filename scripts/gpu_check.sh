@@ -64,7 +64,7 @@ PYEOF
     timeout 140 $PY scripts/bench_step.py --shape llama3-8b --batch 1 64 --context 4096 \
       --attention-backend pallas xla --matmul-only --json "$OUT/step.jsonl"
     stage "offline: jinfer vs transformers, Llama-3.2-1B shape, random weights, bf16"
-    timeout 150 $PY scripts/bench_offline.py --random-shape llama3-1b \
+    timeout 170 $PY scripts/bench_offline.py --random-shape llama3-1b --profile-host 25 \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
   fi
   stage "results"
