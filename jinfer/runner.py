@@ -20,15 +20,17 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jinfer import batch_layout, model
+from jinfer import batch_layout, model, packing
 from jinfer.attention import AttentionMetadata
 from jinfer.batch_layout import Placement, place, region_a, token_buckets
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
-from jinfer.sampling import NEG_INF, SampleOutput, SamplingBatch, sample, split_seed
+from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
+from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler import StepPlan
 from jinfer.sequence import Sequence
 
@@ -62,6 +64,25 @@ num_compiles()  # start counting at import
 # costs a small compile, never a recompile of the model. Module-level, so engines with the same
 # config and shapes share compiled programs.
 _forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
+
+
+# The engine's entry points take their small inputs packed (`packing.py`): one int32 and one
+# float32 buffer per call instead of ~30 separate host-to-device copies, and the sampler hands
+# back one [B, 2 + 2 * MAX_LOGPROBS] array (one device-to-host copy).
+def _forward_packed(params, cfg, layout, ibuf, fbuf, cache):
+    tokens, meta, logits_idx = packing.unpack(layout, ibuf, fbuf)
+    return model.forward(params, cfg, tokens, meta, cache, logits_idx)
+
+
+def _sample_packed(logits, layout, ibuf, fbuf):
+    out = sample(logits, packing.unpack(layout, ibuf, fbuf))
+    as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)  # noqa: E731
+    columns = [as_f32(out.tokens)[:, None], out.logprobs[:, None]]
+    return jnp.concatenate(columns + [as_f32(out.top_ids), out.top_logprobs], axis=1)
+
+
+_forward_step = jax.jit(_forward_packed, static_argnums=(1, 2), donate_argnums=(5,))
+_sample_step = jax.jit(_sample_packed, static_argnums=(1,))
 
 
 # Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
@@ -271,7 +292,7 @@ class ModelRunner:
             positions,
             seq_ids,
             slot_mapping,
-            self.block_tables.copy(),
+            self.block_tables,  # packed (copied) before the next step changes it
             placement.block_rows,
             placement.block_lens,
         )
@@ -285,11 +306,14 @@ class ModelRunner:
         out = self._run(*inputs)  # dispatched: returns before the device finishes
         t1 = time.perf_counter()
         n = len(sampled)
-        tokens = np.asarray(out.tokens)[:n]
-        logprobs = np.asarray(out.logprobs)[:n]
-        top_ids = np.asarray(out.top_ids)[:n] if want_logprobs else None
-        top_lps = np.asarray(out.top_logprobs)[:n] if want_logprobs else None
+        host = np.asarray(out)[:n]  # [n, 2 + 2L] float32, int columns bit-cast
         t2 = time.perf_counter()
+        tokens = np.ascontiguousarray(host[:, 0]).view(np.int32)
+        logprobs = np.ascontiguousarray(host[:, 1])
+        top_ids = top_lps = None
+        if want_logprobs:
+            top_ids = np.ascontiguousarray(host[:, 2 : 2 + MAX_LOGPROBS]).view(np.int32)
+            top_lps = np.ascontiguousarray(host[:, 2 + MAX_LOGPROBS :])
         return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t1 - t0, t2 - t1)
 
     def _run(
@@ -298,9 +322,17 @@ class ModelRunner:
         meta: AttentionMetadata,
         logits_idx: np.ndarray,
         sbatch: SamplingBatch,
-    ) -> SampleOutput:
-        logits, self.cache = _forward(self.params, self.cfg, tokens, meta, self.cache, logits_idx)
-        return sample(logits, sbatch)
+    ) -> jax.Array:  # [rows, 2 + 2 * MAX_LOGPROBS], see _sample_packed
+        return self._sample(self._forward(tokens, meta, logits_idx), sbatch)
+
+    def _forward(self, tokens: np.ndarray, meta: AttentionMetadata, logits_idx: np.ndarray):
+        layout, ibuf, fbuf = packing.pack((tokens, meta, logits_idx))
+        logits, self.cache = _forward_step(self.params, self.cfg, layout, ibuf, fbuf, self.cache)
+        return logits
+
+    def _sample(self, logits: jax.Array, sbatch: SamplingBatch) -> jax.Array:
+        layout, ibuf, fbuf = packing.pack(sbatch)
+        return _sample_step(logits, layout, ibuf, fbuf)
 
     def warmup(self) -> float:
         """Compiles every bucket with padding-only batches (they write to the scratch page)."""
@@ -314,11 +346,9 @@ class ModelRunner:
                 zeros, zeros, zeros, np.zeros_like(self.block_tables), no_blocks, no_blocks
             )
             logits_idx = np.zeros(rows, np.int32)
-            logits, self.cache = _forward(
-                self.params, self.cfg, zeros, meta, self.cache, logits_idx
-            )
+            logits = self._forward(zeros, meta, logits_idx)
             for sbatch in self._warmup_sampling_batches(rows):
-                jax.block_until_ready(sample(logits, sbatch).tokens)
+                jax.block_until_ready(self._sample(logits, sbatch))
         elapsed = time.perf_counter() - t0
         log.info("warm-up compiled %d buckets in %.1f s", len(self.buckets), elapsed)
         return elapsed

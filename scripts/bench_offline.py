@@ -117,6 +117,7 @@ def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     stats = llm.engine.stats
     step0, dev0 = stats.step_time, stats.device_time
+    compiles0 = llm.engine.num_compiles
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -133,6 +134,7 @@ def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
         "wall_s": wall,
         "prefill_tok_s": len(prefill_prompt) / prefill,
         "host_fraction": (step - dev) / step if step else 0.0,
+        "compiles_after_warmup": llm.engine.num_compiles - compiles0,  # should stay 0
     }
 
 

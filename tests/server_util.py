@@ -49,7 +49,7 @@ class EchoRunner:
         top_ids = (tokens[:, None] + ranks[None, :]) % self.vocab_size
         top_lps = np.broadcast_to(-0.5 - ranks, top_ids.shape).astype(np.float32)
         logprobs = np.full(len(seqs), -0.5, np.float32)
-        return StepResult(seqs, tokens, logprobs, top_ids, top_lps, self.step_delay, 0.0)
+        return StepResult(seqs, tokens, logprobs, top_ids, top_lps, 0.0, self.step_delay)
 
 
 def echo_tokens(prompt_ids: list[int], n: int) -> list[int]:
