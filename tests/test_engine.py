@@ -212,3 +212,26 @@ def test_long_prompt_in_query_blocks_gives_the_per_token_tokens_and_logprobs(
         for got, want in zip(got_seq, want_seq, strict=True):
             assert got.keys() == want.keys()
             np.testing.assert_allclose([got[t] for t in want], list(want.values()), atol=1e-4)
+
+
+def test_step_time_splits_into_device_and_host(make_tiny_llm):
+    llm = make_tiny_llm()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm.generate(_prompts([5, 40, 17]), params, use_tqdm=False)
+    stats = llm.engine.stats
+    assert stats.num_steps > 0
+    assert 0 < stats.device_time < stats.step_time
+    assert stats.host_time == stats.step_time - stats.device_time
+    assert 0 < stats.host_fraction < 1
+
+
+def test_finished_only_steps_return_just_the_finished_requests(make_tiny_llm):
+    eng = make_tiny_llm().engine
+    for i, n in enumerate([2, 5]):
+        eng.add_request(str(i), [3, 4, 5, 6], SamplingParams(max_tokens=n, ignore_eos=True))
+    seen = []
+    while eng.has_unfinished_requests():
+        outs = eng.step(finished_only=True)
+        assert all(o.finished for o in outs)
+        seen += [(o.request_id, len(o.outputs[0].token_ids)) for o in outs]
+    assert seen == [("0", 2), ("1", 5)]
