@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 MODEL   ?= smollm2-135m-instruct
 PROMPT  ?= Write a haiku about the sea.
 
-.PHONY: install serve test test-fast generate lint format clean
+.PHONY: install serve test test-fast generate lint format clean gpu-kit
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(VPY) -m pytest -q -m "not slow"
+
+# What a GPU machine needs but cannot fetch (carry .gpu; see scripts/gpu_check.sh).
+gpu-kit: install
+	$(VPY) scripts/make_gpu_kit.py .gpu
 
 lint: install
 	$(VPY) -m ruff check jinfer pallas_kernels tests scripts
