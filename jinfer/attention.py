@@ -115,6 +115,9 @@ def xla_paged_attention(
     return jnp.concatenate([out_a, out_b], axis=0)
 
 
+TOKEN_GROUPS = 4  # the per-token path's key loops: one per group of tokens (see below)
+
+
 def _per_token_attention(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [P, Z, K, H]
@@ -124,20 +127,55 @@ def _per_token_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> jax.Array:  # [T, N, H]
-    """Each token gathers its own copy of its request's KV blocks: right for decodes."""
+    """Each token gathers its own copy of its request's KV blocks: right for decodes.
+
+    A key loop runs to the longest context among its tokens, and every token pays for every
+    step of it. So the tokens go in up to TOKEN_GROUPS static groups, each with its own loop
+    bound; the scheduler orders decodes longest first, so a batch of mixed context lengths
+    pays roughly for its real keys rather than T x the longest."""
     t, n, h = q.shape
     _, page_size, k, _ = k_pages.shape
     g = n // k
     pages_per_block = max(1, meta.token_kv_block // page_size)
-    block = pages_per_block * page_size  # C
     tables = meta.block_tables
     max_pages = tables.shape[1]
     pad = (-max_pages) % pages_per_block
     if pad:
         tables = jnp.pad(tables, ((0, 0), (0, pad)))
     token_tables = tables[meta.seq_ids]  # [T, Pmax']
-    positions = meta.positions
     qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
+    groups = TOKEN_GROUPS if t % TOKEN_GROUPS == 0 and t >= 8 * TOKEN_GROUPS else 1
+    size = t // groups
+    outs = [
+        _token_loop(
+            qg[i * size : (i + 1) * size],
+            token_tables[i * size : (i + 1) * size],
+            meta.positions[i * size : (i + 1) * size],
+            k_pages,
+            v_pages,
+            pages_per_block=pages_per_block,
+            window=window,
+            softcap=softcap,
+        )
+        for i in range(groups)
+    ]
+    out = outs[0] if groups == 1 else jnp.concatenate(outs, axis=0)
+    return out.reshape(t, n, h).astype(q.dtype)
+
+
+def _token_loop(
+    qg: jax.Array,  # [T, K, G, H] float32
+    token_tables: jax.Array,  # [T, Pmax']
+    positions: jax.Array,  # [T]
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    *,
+    pages_per_block: int,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:  # [T, K, G, H] float32
+    t, k, g, h = qg.shape
+    block = pages_per_block * k_pages.shape[1]
 
     # Key blocks needed by any token: from the oldest visible position to the newest.
     hi = jnp.max(positions) // block + 1
@@ -176,5 +214,4 @@ def _per_token_attention(
         jnp.zeros((t, k, g, h), jnp.float32),
     )
     _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
-    out = acc / jnp.maximum(denom, 1e-30)[..., None]
-    return out.reshape(t, n, h).astype(q.dtype)
+    return acc / jnp.maximum(denom, 1e-30)[..., None]
