@@ -146,20 +146,18 @@ def _per_token_attention(
     qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
     groups = TOKEN_GROUPS if t % TOKEN_GROUPS == 0 and t >= 8 * TOKEN_GROUPS else 1
     size = t // groups
-    outs = [
-        _token_loop(
-            qg[i * size : (i + 1) * size],
-            token_tables[i * size : (i + 1) * size],
-            meta.positions[i * size : (i + 1) * size],
-            k_pages,
-            v_pages,
-            pages_per_block=pages_per_block,
-            window=window,
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(groups, size, *x.shape[1:])
+
+    # lax.map: one compiled loop body run once per group, each with its own trip count.
+    out = jax.lax.map(
+        lambda xs: _token_loop(
+            *xs, k_pages, v_pages, pages_per_block=pages_per_block, window=window,
             softcap=softcap,
-        )
-        for i in range(groups)
-    ]
-    out = outs[0] if groups == 1 else jnp.concatenate(outs, axis=0)
+        ),
+        (split(qg), split(token_tables), split(meta.positions)),
+    )  # [groups, T / groups, K, G, H]  # fmt: skip
     return out.reshape(t, n, h).astype(q.dtype)
 
 
