@@ -73,6 +73,20 @@ def paged_attention(
     raise ValueError(f"unknown attention backend {meta.backend!r}")
 
 
+def online_softmax_step(
+    m: jax.Array, denom: jax.Array, s: jax.Array, visible: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Folds one key block's scores s [..., C] (`visible` broadcasts to s) into the running max
+    m and denominator denom [...]. Returns (m_new, denom_new, p, corr): p the block's
+    unnormalised weights (0 where not visible), corr the factor the accumulator is rescaled by.
+    Every XLA attention loop here (per token, per query block, one request) steps through it."""
+    s = jnp.where(visible, s, NEG_INF)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    return m_new, denom * corr + p.sum(axis=-1), p, corr
+
+
 def xla_paged_attention(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [P, Z, K, H]
@@ -195,12 +209,7 @@ def _token_loop(
         visible = key_pos[None, :] <= positions[:, None]  # [T, C]
         if window is not None:
             visible &= key_pos[None, :] > positions[:, None] - window
-        s = jnp.where(visible[:, None, None, :], s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        p = jnp.where(visible[:, None, None, :], p, 0.0)
-        corr = jnp.exp(m - m_new)
-        l_new = denom * corr + p.sum(axis=-1)
+        m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible[:, None, None, :])
         # Slots past a request's length may hold stale data (or NaN): never let 0 * NaN in.
         vb = jnp.where(visible[:, :, None, None], vb, 0.0)
         acc_new = acc * corr[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)

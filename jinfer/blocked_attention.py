@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from jinfer.attention import NEG_INF, online_softmax_step
+
 BIG = 2**30
 
 
@@ -71,11 +72,7 @@ def blocked_paged_attention(
             visible &= key_pos[None, None, :] > pos[:, :, None] - window
         visible &= valid[:, :, None]
         vis = visible[:, None, None, :, :]  # [NB, 1, 1, Bq, C]
-        s = jnp.where(vis, s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l_new = denom * corr + p.sum(axis=-1)
+        m_new, l_new, p, corr = online_softmax_step(m, denom, s, vis)
         # Keys no query of the block sees may be stale or NaN: never let 0 * NaN in.
         seen = jnp.any(visible, axis=1)  # [NB, C]
         vb = jnp.where(seen[:, :, None, None], vb, 0.0)
@@ -157,11 +154,7 @@ def _one_request_attention(
         visible = (key_pos[None, :] <= positions[:, None]) & valid[:, None]  # [T, C]
         if window is not None:
             visible &= key_pos[None, :] > positions[:, None] - window
-        s = jnp.where(visible, s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l_new = denom * corr + p.sum(axis=-1)
+        m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible)
         seen = jnp.any(visible, axis=0)  # [C]: keys nobody sees may be stale or NaN
         vb = jnp.where(seen[:, None, None], vb, 0.0)
         acc_new = acc * corr[..., None] + jnp.einsum("kgtc,ckh->kgth", p, vb)
