@@ -128,7 +128,7 @@ def _top_k_top_p_threshold(
     return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
 
 
-def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+def _inverse_cdf(weights: jax.Array, u: jax.Array, best: jax.Array) -> jax.Array:
     """The token whose cumulative weight first exceeds u [B] (u in [0, row sum)). [B] i32.
 
     Two levels, so no [B, V] cumulative sum (slow on XLA:CPU): block sums find the block, then
@@ -144,9 +144,10 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
     inner_cum = start + jnp.cumsum(inner, axis=-1)
     j = jnp.minimum(jnp.sum(inner_cum <= u[:, None], axis=-1), BLOCK - 1)
     token = bi * BLOCK + j
-    # Rounding can land on a zero-weight token at a block's end: take the row's best instead.
+    # Rounding can land on a zero-weight token at a block's end: take the row's best instead
+    # (`best`, the greedy token: no filter ever drops it, so it is the argmax of `weights`).
     hit = jnp.take_along_axis(inner, j[:, None], axis=-1)[:, 0] > 0
-    return jnp.where(hit, token, jnp.argmax(weights, axis=-1)).astype(jnp.int32)
+    return jnp.where(hit, token, best).astype(jnp.int32)
 
 
 def _uniform(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array) -> jax.Array:
@@ -154,7 +155,7 @@ def _uniform(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array) -> jax.
     return jax.random.uniform(key, (), jnp.float32)
 
 
-def _sample_rows(x: jax.Array, s: SamplingBatch) -> jax.Array:
+def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array:
     """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B]."""
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = x / temp
@@ -172,7 +173,7 @@ def _sample_rows(x: jax.Array, s: SamplingBatch) -> jax.Array:
     drop = (scaled < threshold) | (weights < s.min_p[:, None])
     weights = jnp.where(drop, 0.0, weights)
     u = jax.vmap(_uniform)(s.seed_lo, s.seed_hi, s.counter) * jnp.sum(weights, axis=-1)
-    return _inverse_cdf(weights, u)
+    return _inverse_cdf(weights, u, greedy)
 
 
 @jax.jit
@@ -185,7 +186,9 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(jnp.any(s.temperature > 0), _sample_rows, lambda x, _: greedy, x, s)
+    sampled = jax.lax.cond(
+        jnp.any(s.temperature > 0), _sample_rows, lambda x, s, g: g, x, s, greedy
+    )
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
 
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, 1]
