@@ -17,7 +17,6 @@ import datetime
 import functools
 import json
 import logging
-import mmap
 import os
 import re
 import struct
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from jinfer import gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,58 +70,6 @@ _QWEN2_SPLIT = (
 _PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 # GGUF token types (they equal sentencepiece's ModelProto.SentencePiece.Type values).
 _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2
-# GGUF value types -> (struct format, size); 8 = string, 9 = array.
-_GGUF_SCALARS = {
-    0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: ("i", 4),
-    6: ("f", 4), 7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8),
-}  # fmt: skip
-
-
-def _read_gguf_metadata(path: str) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (not the tensors), read directly and fast.
-
-    ``gguf.GGUFReader`` builds numpy views for every array element, which takes 5-20 s for a
-    262k-token vocabulary; this reads the same values in well under a second.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(mm[:4])!r})")
-        version, _, n_kv = struct.unpack_from("<IQQ", mm, 4)
-        if version < 2 or version > 3:
-            raise ValueError(f"{path}: unsupported GGUF version {version}")
-        pos = 24
-
-        def read_str() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", mm, pos)
-            pos += 8 + n
-            return mm[pos - n : pos].decode("utf-8", errors="replace")
-
-        def read_value(vtype: int) -> Any:
-            nonlocal pos
-            if vtype == 8:
-                return read_str()
-            if vtype == 9:
-                etype, count = struct.unpack_from("<IQ", mm, pos)
-                pos += 12
-                if etype in _GGUF_SCALARS:
-                    fmt, size = _GGUF_SCALARS[etype]
-                    arr = np.frombuffer(mm, dtype="<" + fmt, count=count, offset=pos).tolist()
-                    pos += size * count
-                    return arr
-                return [read_value(etype) for _ in range(count)]
-            fmt, size = _GGUF_SCALARS[vtype]
-            (value,) = struct.unpack_from("<" + fmt, mm, pos)
-            pos += size
-            return value
-
-        meta = {}
-        for _ in range(n_kv):
-            key = read_str()
-            (vtype,) = struct.unpack_from("<I", mm, pos)
-            pos += 4
-            meta[key] = read_value(vtype)
-        return meta
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -428,7 +375,7 @@ class Tokenizer:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"GGUF file not found: {path}")
             try:
-                meta = _read_gguf_metadata(path)
+                meta = gguf_file.read_metadata(path)
             except (OSError, struct.error, KeyError, UnicodeDecodeError, ValueError) as e:
                 raise ValueError(f"cannot read GGUF metadata from {path}: {e}") from e
         kind = meta.get("tokenizer.ggml.model")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jinfer import gguf_file
 from jinfer.config import ModelConfig
 from jinfer.params import LayerParams, Params, check_shapes
 
@@ -135,47 +136,27 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- GGUF
-def read_gguf(path: str | os.PathLike) -> Any:
+def read_gguf(path: str | os.PathLike) -> gguf_file.GGUFFile:
     """Opens a GGUF file, turning any parse failure into a WeightsError naming the file."""
-    import gguf
-
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises assorted types on truncated/garbage files
+        return gguf_file.read(path)
+    except Exception as e:  # truncated or garbage files fail in assorted ways
         size = os.path.getsize(path) if os.path.isfile(path) else 0
         raise WeightsError(
             f"cannot read GGUF file {path} ({size} bytes; truncated or not GGUF?): {e}"
         ) from e
 
 
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in (
-            "tokenizer.ggml.bos_token_id",
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.tokens",
-        ):
-            continue  # the big vocab arrays are the tokenizer's business
-        try:
-            meta[key] = field.contents()
-        except Exception:  # noqa: S112 - unreadable optional metadata is skipped
-            continue
-    return meta
-
-
 def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """Dequantizes a GGUF file (any block type the `gguf` package knows) to float32."""
-    reader = read_gguf(path)
+    file = read_gguf(path)
     with _errors_name(path):
-        return _load_gguf(path, reader)
+        return _load_gguf(path, file)
 
 
-def _load_gguf(path: str | os.PathLike, reader: Any) -> tuple[ModelConfig, Params]:
-    from gguf.quants import dequantize
-
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+def _load_gguf(path: str | os.PathLike, file: gguf_file.GGUFFile) -> tuple[ModelConfig, Params]:
+    meta = file.metadata
+    tensors = file.tensors
     cfg = ModelConfig.from_gguf_fields(meta)
     cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors)
     permuted = meta.get("general.architecture") in ("llama", "mistral")
@@ -186,13 +167,9 @@ def _load_gguf(path: str | os.PathLike, reader: Any) -> tuple[ModelConfig, Param
         if t is None:
             return None
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            return gguf_file.dequantize(t)
         except Exception as e:
-            raise WeightsError(f"{path}: cannot dequantize {name}: {e}") from e
-        expected = tuple(int(x) for x in reversed(t.shape))
-        if arr.size != int(np.prod(expected)):
-            raise WeightsError(f"{path}: tensor {name} is truncated ({arr.size} values)")
-        return np.asarray(arr, np.float32).reshape(expected)
+            raise WeightsError(f"{path}: cannot dequantize {name} ({t.type_name}): {e}") from e
 
     fields = _layer_fields(cfg)
     fields |= {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
