@@ -47,18 +47,18 @@ def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, 
 def init_cache(
     cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any = jnp.float32, sharding=None
 ) -> KVCache:
-    """Zero-filled page pool; `sharding` (optional) places every layer's pages."""
+    """Zero-filled page pool; `sharding` (optional) places every layer's pages.
+
+    One program makes all 2L pools, each created where it lives (no host copy, and no
+    per-layer compile at start-up)."""
     shape = cache_shape(cfg, num_pages, page_size)
+    n = cfg.num_layers
 
-    def zeros() -> jax.Array:
-        if sharding is None:
-            return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    def zeros() -> list[jax.Array]:
+        return [jnp.zeros(shape, dtype) for _ in range(2 * n)]
 
-    return KVCache(
-        k=tuple(zeros() for _ in range(cfg.num_layers)),
-        v=tuple(zeros() for _ in range(cfg.num_layers)),
-    )
+    pools = jax.jit(zeros, out_shardings=None if sharding is None else [sharding] * (2 * n))()
+    return KVCache(k=tuple(pools[:n]), v=tuple(pools[n:]))
 
 
 def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any = jnp.float32) -> int:
