@@ -38,6 +38,15 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What differs between layers of one model: layers of one kind run the same program."""
+
+    window: int | None  # sliding window, or None for full attention
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything the forward pass needs to know about a decoder-only model."""
 
@@ -114,6 +123,11 @@ class ModelConfig:
         if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
             return None
         return self.rope_scaling
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        return LayerKind(
+            self.layer_window(layer), self.layer_rope_theta(layer), self.layer_rope_scaling(layer)
+        )
 
     def num_params(self) -> int:
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim

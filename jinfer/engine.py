@@ -37,6 +37,7 @@ class EngineConfig:
     num_pages: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     attention_backend: str = "xla"
+    compile_unit: str = "auto"  # "step" | "layer": see runner.resolve_compile_unit
     seed: int = 0  # draws the seeds of requests that bring none
     enable_prefix_caching: bool = True  # reuse full KV pages computed before (prefix_cache.py)
 
@@ -138,6 +139,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
             attention_backend=config.attention_backend,
+            compile_unit=config.compile_unit,
         )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()

@@ -74,9 +74,9 @@ class LLM:
 
     `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
     checkpoint. The options (dtype, max_model_len, tensor_parallel_size, max_num_seqs,
-    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, attention_backend, seed,
-    enable_prefix_caching, warmup) and their defaults are declared once, on `_setup`; an unknown
-    one is a TypeError.
+    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, attention_backend,
+    compile_unit, seed, enable_prefix_caching, warmup) and their defaults are declared once, on
+    `_setup`; an unknown one is a TypeError.
     """
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, **options: Any) -> None:
@@ -118,6 +118,7 @@ class LLM:
         num_pages: int | None = None,
         kv_cache_memory_gb: float = 2.0,
         attention_backend: str = "auto",
+        compile_unit: str = "auto",
         seed: int = 0,
         enable_prefix_caching: bool = True,
         warmup: bool = True,
@@ -145,6 +146,7 @@ class LLM:
             num_pages=num_pages,
             kv_cache_memory_gb=kv_cache_memory_gb,
             attention_backend=attention_backend,
+            compile_unit=compile_unit,
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
         )

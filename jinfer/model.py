@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jinfer import kv_cache
 from jinfer.attention import AttentionMetadata, paged_attention
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.config import LayerKind, ModelConfig, RopeScaling
 from jinfer.kv_cache import KVCache
 from jinfer.params import LayerParams, Params
 
@@ -67,7 +67,7 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 def attention_block(
     cfg: ModelConfig,
-    layer: int,
+    kind: LayerKind,
     p: LayerParams,
     x: jax.Array,  # [T, D]
     k_pages: jax.Array,  # [P, Z, K, H]
@@ -82,9 +82,7 @@ def attention_block(
     if p.q_norm is not None:
         q = rms_norm(q, p.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, p.k_norm, cfg.rms_norm_eps)
-    inv_freq = rope_frequencies(
-        cfg.head_dim, cfg.layer_rope_theta(layer), cfg.layer_rope_scaling(layer)
-    )
+    inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
     q = apply_rope(q, meta.positions, inv_freq)
     k = apply_rope(k, meta.positions, inv_freq)
     k_pages = kv_cache.write(k_pages, k, meta.slot_mapping)
@@ -94,7 +92,7 @@ def attention_block(
         k_pages,
         v_pages,
         meta,
-        window=cfg.layer_window(layer),
+        window=kind.window,
         softcap=cfg.attn_logit_softcap,
     )  # [T, N, H]
     return jnp.einsum("tnh,nhd->td", out, p.wo), k_pages, v_pages
@@ -105,30 +103,39 @@ def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
     return (gate * (x @ p.w_up)) @ p.w_down  # [T, D]
 
 
-def forward(
-    params: Params,
-    cfg: ModelConfig,
-    tokens: jax.Array,  # [T] int32
-    meta: AttentionMetadata,
-    cache: KVCache,
-    logits_idx: jax.Array,  # [B] int32: which tokens produce next-token logits
-) -> tuple[jax.Array, KVCache]:  # logits [B, V] float32, updated cache
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:  # [T, D]
     x = params.embed[tokens]  # [T, D]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-    new_k, new_v = [], []
-    for i, p in enumerate(params.layers):
-        h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-        h, k_pages, v_pages = attention_block(cfg, i, p, h, cache.k[i], cache.v[i], meta)
-        if p.post_attn_norm is not None:
-            h = rms_norm(h, p.post_attn_norm, cfg.rms_norm_eps)
-        x = x + h
-        h = mlp_block(cfg, p, rms_norm(x, p.mlp_norm, cfg.rms_norm_eps))
-        if p.post_mlp_norm is not None:
-            h = rms_norm(h, p.post_mlp_norm, cfg.rms_norm_eps)
-        x = x + h
-        new_k.append(k_pages)
-        new_v.append(v_pages)
+    return x
+
+
+def decoder_layer(
+    cfg: ModelConfig,
+    kind: LayerKind,
+    p: LayerParams,
+    x: jax.Array,  # [T, D]
+    k_pages: jax.Array,  # [P, Z, K, H]
+    v_pages: jax.Array,  # [P, Z, K, H]
+    meta: AttentionMetadata,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # x [T, D], updated k_pages, v_pages
+    h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+    h, k_pages, v_pages = attention_block(cfg, kind, p, h, k_pages, v_pages, meta)
+    if p.post_attn_norm is not None:
+        h = rms_norm(h, p.post_attn_norm, cfg.rms_norm_eps)
+    x = x + h
+    h = mlp_block(cfg, p, rms_norm(x, p.mlp_norm, cfg.rms_norm_eps))
+    if p.post_mlp_norm is not None:
+        h = rms_norm(h, p.post_mlp_norm, cfg.rms_norm_eps)
+    return x + h, k_pages, v_pages
+
+
+def logits_head(
+    params: Params,
+    cfg: ModelConfig,
+    x: jax.Array,  # [T, D]
+    logits_idx: jax.Array,  # [B] int32: which tokens produce next-token logits
+) -> jax.Array:  # [B, V] float32
     x = rms_norm(x[logits_idx], params.final_norm, cfg.rms_norm_eps)  # [B, D]
     if params.lm_head is None:
         logits = jnp.einsum("bd,vd->bv", x, params.embed)
@@ -138,4 +145,24 @@ def forward(
     if cfg.final_logit_softcap is not None:
         cap = cfg.final_logit_softcap
         logits = cap * jnp.tanh(logits / cap)
-    return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
+    return logits
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,  # [T] int32
+    meta: AttentionMetadata,
+    cache: KVCache,
+    logits_idx: jax.Array,  # [B] int32: which tokens produce next-token logits
+) -> tuple[jax.Array, KVCache]:  # logits [B, V] float32, updated cache
+    """The whole step as one program: embed, every layer, the logits of `logits_idx`."""
+    x = embed(params, cfg, tokens)
+    new_k, new_v = [], []
+    for i, p in enumerate(params.layers):
+        x, k_pages, v_pages = decoder_layer(
+            cfg, cfg.layer_kind(i), p, x, cache.k[i], cache.v[i], meta
+        )
+        new_k.append(k_pages)
+        new_v.append(v_pages)
+    return logits_head(params, cfg, x, logits_idx), KVCache(k=tuple(new_k), v=tuple(new_v))

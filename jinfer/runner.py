@@ -85,6 +85,41 @@ _forward_step = jax.jit(_forward_packed, static_argnums=(1, 2), donate_argnums=(
 _sample_step = jax.jit(_sample_packed, static_argnums=(1,))
 
 
+# compile_unit="layer": the same step as one program per layer kind (plus embed and head), run
+# layer by layer from Python. Each program is ~1/L of the whole step, and every layer of a kind
+# shares it, so warm-up compiles (and a restart loads) ~L times less code.
+def _embed_packed(embed_table, cfg, layout, ibuf, fbuf):
+    tokens, _, _ = packing.unpack(layout, ibuf, fbuf)
+    return model.embed(Params(embed_table, (), None), cfg, tokens)
+
+
+def _layer_packed(p, cfg, kind, layout, ibuf, fbuf, x, k_pages, v_pages):
+    _, meta, _ = packing.unpack(layout, ibuf, fbuf)
+    return model.decoder_layer(cfg, kind, p, x, k_pages, v_pages, meta)
+
+
+def _head_packed(head_params, cfg, layout, ibuf, fbuf, x):
+    _, _, logits_idx = packing.unpack(layout, ibuf, fbuf)
+    return model.logits_head(head_params, cfg, x, logits_idx)
+
+
+_embed_step = jax.jit(_embed_packed, static_argnums=(1, 2))
+_layer_step = jax.jit(_layer_packed, static_argnums=(1, 2, 3), donate_argnums=(7, 8))
+_head_step = jax.jit(_head_packed, static_argnums=(1, 2))
+
+COMPILE_UNITS = ("auto", "step", "layer")
+
+
+def resolve_compile_unit(compile_unit: str, platform: str) -> str:
+    """ "auto": per layer on CPU (compile time, not dispatch, is what costs there), the whole step
+    as one program on GPU/TPU (where per-kernel launches and fusion across layers matter)."""
+    if compile_unit not in COMPILE_UNITS:
+        raise ValueError(f"compile_unit must be one of {COMPILE_UNITS}, got {compile_unit!r}")
+    if compile_unit == "auto":
+        return "layer" if platform == "cpu" else "step"
+    return compile_unit
+
+
 # Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
 # the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
 # sampler programs down; the scatter of [rows, 512] is noise next to the [rows, V] softmax.
@@ -187,6 +222,7 @@ class ModelRunner:
         max_model_len: int,
         attention_backend: str = "xla",
         query_block: int | None = None,  # Bq; None: batch_layout.QUERY_BLOCK
+        compile_unit: str = "auto",  # "step" | "layer" | "auto" (see resolve_compile_unit)
     ) -> None:
         self.cfg = cfg
         self.params = params
@@ -204,6 +240,9 @@ class ModelRunner:
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
         self._history_len = max_model_len
+        platform = next(iter(cache.k[0].devices())).platform
+        self.compile_unit = resolve_compile_unit(compile_unit, platform)
+        self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 
     # ------------------------------------------------------------------ inputs
     def _place(self, plan: StepPlan) -> Placement:
@@ -327,8 +366,21 @@ class ModelRunner:
 
     def _forward(self, tokens: np.ndarray, meta: AttentionMetadata, logits_idx: np.ndarray):
         layout, ibuf, fbuf = packing.pack((tokens, meta, logits_idx))
-        logits, self.cache = _forward_step(self.params, self.cfg, layout, ibuf, fbuf, self.cache)
-        return logits
+        if self.compile_unit == "step":
+            logits, self.cache = _forward_step(
+                self.params, self.cfg, layout, ibuf, fbuf, self.cache
+            )
+            return logits
+        ibuf, fbuf = jax.device_put((ibuf, fbuf))  # once, not once per layer
+        x = _embed_step(self.params.embed, self.cfg, layout, ibuf, fbuf)  # [T, D]
+        ks, vs = list(self.cache.k), list(self.cache.v)
+        for i, p in enumerate(self.params.layers):
+            x, ks[i], vs[i] = _layer_step(
+                p, self.cfg, self._layer_kinds[i], layout, ibuf, fbuf, x, ks[i], vs[i]
+            )
+        self.cache = KVCache(k=tuple(ks), v=tuple(vs))
+        head = dataclasses.replace(self.params, layers=())  # embed/lm_head, final norm
+        return _head_step(head, self.cfg, layout, ibuf, fbuf, x)
 
     def _sample(self, logits: jax.Array, sbatch: SamplingBatch) -> jax.Array:
         layout, ibuf, fbuf = packing.pack(sbatch)

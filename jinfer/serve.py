@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: Pallas kernels on GPU/TPU, XLA on CPU",
     )
     p.add_argument(
+        "--compile-unit",
+        default="auto",
+        choices=["auto", "step", "layer"],
+        help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
+    )
+    p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -90,6 +96,7 @@ def make_loader(args: argparse.Namespace) -> Any:
             seed=args.seed,
             enable_prefix_caching=args.enable_prefix_caching,
             attention_backend=args.attention_backend,
+            compile_unit=args.compile_unit,
         )
         return llm.engine, llm.tokenizer
 

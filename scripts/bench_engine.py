@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--compile-unit", default="auto", choices=["auto", "step", "layer"])
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -62,6 +63,7 @@ def main() -> None:
         max_model_len=2048,
         max_num_seqs=max(args.batch_sizes),
         max_num_batched_tokens=args.max_num_batched_tokens,
+        compile_unit=args.compile_unit,
         # The prefill rate reruns one prompt: with the cache on, the timed run would be hits.
         enable_prefix_caching=False,
     )

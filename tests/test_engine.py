@@ -235,3 +235,32 @@ def test_finished_only_steps_return_just_the_finished_requests(make_tiny_llm):
         assert all(o.finished for o in outs)
         seen += [(o.request_id, len(o.outputs[0].token_ids)) for o in outs]
     assert seen == [("0", 2), ("1", 5)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_layer_programs_give_the_whole_step_programs_tokens_and_logprobs(make_tiny_llm, arch):
+    # Gemma's sliding and global layers are two layer kinds: two layer programs per bucket.
+    prompts = _prompts([450, 3, 40, 17])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    runs = {}
+    for unit in ("step", "layer"):
+        llm = make_tiny_llm(arch, compile_unit=unit)
+        assert llm.engine.runner.compile_unit == unit
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        lps = [[{t: x.logprob for t, x in e.items()} for e in o.outputs[0].logprobs] for o in outs]
+        runs[unit] = (_tokens(outs), lps)
+    assert runs["layer"][0] == runs["step"][0]
+    for got_seq, want_seq in zip(runs["layer"][1], runs["step"][1], strict=True):
+        for got, want in zip(got_seq, want_seq, strict=True):
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[t] for t in want], list(want.values()), atol=1e-4)
+
+
+def test_compile_unit_auto_is_per_layer_on_cpu_and_a_bad_value_is_named(make_tiny_llm):
+    from jinfer.runner import resolve_compile_unit
+
+    assert resolve_compile_unit("auto", "cpu") == "layer"
+    assert resolve_compile_unit("auto", "gpu") == "step"
+    assert resolve_compile_unit("auto", "tpu") == "step"
+    with pytest.raises(ValueError, match="compile_unit.*'fused'"):
+        make_tiny_llm(compile_unit="fused", warmup=False)
