@@ -36,7 +36,9 @@ NEG_INF = -1e30
 class AttentionMetadata:
     positions: jax.Array  # [T] int32
     seq_ids: jax.Array  # [T] int32: row of block_tables (padding -> 0)
-    slot_mapping: jax.Array  # [T] int32: flat cache slot to write (padding -> scratch)
+    # [T] int32: flat cache slot to write. Padding -> the scratch page (a slot < page size),
+    # which is also how attention tells padding from real tokens and skips it.
+    slot_mapping: jax.Array
     block_tables: jax.Array  # [R, Pmax] int32
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
     kv_block: int = dataclasses.field(default=128, metadata=dict(static=True))  # query blocks
@@ -164,13 +166,16 @@ def _per_token_attention(
     def split(x: jax.Array) -> jax.Array:
         return x.reshape(groups, size, *x.shape[1:])
 
+    # Padding tokens write to the scratch page (slots below one page) and need no keys: a group
+    # of padding only runs no key steps at all.
+    real = meta.slot_mapping >= page_size  # [T]
     # lax.map: one compiled loop body run once per group, each with its own trip count.
     out = jax.lax.map(
         lambda xs: _token_loop(
             *xs, k_pages, v_pages, pages_per_block=pages_per_block, window=window,
             softcap=softcap,
         ),
-        (split(qg), split(token_tables), split(meta.positions)),
+        (split(qg), split(token_tables), split(meta.positions), split(real)),
     )  # [groups, T / groups, K, G, H]  # fmt: skip
     return out.reshape(t, n, h).astype(q.dtype)
 
@@ -179,6 +184,7 @@ def _token_loop(
     qg: jax.Array,  # [T, K, G, H] float32
     token_tables: jax.Array,  # [T, Pmax']
     positions: jax.Array,  # [T]
+    real: jax.Array,  # [T] bool: not padding
     k_pages: jax.Array,
     v_pages: jax.Array,
     *,
@@ -189,12 +195,13 @@ def _token_loop(
     t, k, g, h = qg.shape
     block = pages_per_block * k_pages.shape[1]
 
-    # Key blocks needed by any token: from the oldest visible position to the newest.
-    hi = jnp.max(positions) // block + 1
+    # Key blocks needed by any real token: from the oldest visible position to the newest.
+    hi = jnp.max(jnp.where(real, positions, -1)) // block + 1  # 0 when all are padding
     if window is None:
         lo = jnp.int32(0)
     else:
-        lo = jnp.maximum(jnp.min(positions) - window + 1, 0) // block
+        oldest = jnp.min(jnp.where(real, positions, jnp.iinfo(jnp.int32).max))
+        lo = jnp.minimum(jnp.maximum(oldest - window + 1, 0) // block, hi)
 
     def body(b, carry):
         m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]

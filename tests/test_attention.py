@@ -33,6 +33,15 @@ def _dense_reference(q, k_seq, v_seq, positions, window, softcap):
     return np.stack(out)
 
 
+def _slots(tables, seq_ids, positions, real=None) -> jnp.ndarray:
+    """Each real token's cache slot; padding keeps slot 0 (the scratch page), as the runner does."""
+    seq_ids, positions = np.asarray(seq_ids), np.asarray(positions)
+    slots = tables[seq_ids, positions // PAGE] * PAGE + positions % PAGE
+    if real is not None:
+        slots = np.where(np.isin(np.arange(len(slots)), real), slots, 0)
+    return jnp.asarray(slots, jnp.int32)
+
+
 @pytest.mark.parametrize("gqa", [1, 3, 4])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("softcap", [None, 20.0])
@@ -69,7 +78,7 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
     meta = AttentionMetadata(
         positions=jnp.asarray(positions, jnp.int32),
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
-        slot_mapping=jnp.zeros(t, jnp.int32),
+        slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
         kv_block=8,
     )
@@ -139,7 +148,7 @@ def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, so
     meta = AttentionMetadata(
         positions=jnp.asarray(positions),
         seq_ids=jnp.asarray(seq_ids),
-        slot_mapping=jnp.zeros(bucket, jnp.int32),
+        slot_mapping=_slots(tables, seq_ids, positions, real),
         block_tables=jnp.asarray(tables),
         kv_block=8,
         block_rows=jnp.asarray(placement.block_rows),

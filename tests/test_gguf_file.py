@@ -102,4 +102,3 @@ def test_malformed_files_name_the_problem(tmp_path: Path, mangle, message: str) 
     path.write_bytes(mangle(path.read_bytes()))
     with pytest.raises(ValueError, match=message):
         gguf_file.read(path)
-
