@@ -34,6 +34,27 @@ log = logging.getLogger(__name__)
 Prompt = str | dict[str, Any]
 
 
+def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, attention_backend: str) -> Any:
+    """`auto`: the model's dtype. A narrower cache (bfloat16 next to float32 weights) halves the
+    KV memory and the bytes decode attention reads; the XLA path upcasts each key block."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    try:
+        kv = resolve_dtype(kv_cache_dtype)
+    except ValueError:
+        raise ValueError(
+            "kv_cache_dtype must be one of auto, float32, bfloat16, float16; "
+            f"got {kv_cache_dtype!r}"
+        ) from None
+    if kv != dtype and attention_backend != "xla":
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype} differs from the model dtype "
+            f"({jnp.dtype(dtype).name}): only attention_backend='xla' reads a cache of another "
+            "dtype"
+        )
+    return kv
+
+
 def resolve_dtype(dtype: str) -> Any:
     """`auto` is float32 on CPU (bf16 matmuls are slower there) and bfloat16 on accelerators."""
     if dtype == "auto":
@@ -74,9 +95,9 @@ class LLM:
 
     `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
     checkpoint. The options (dtype, max_model_len, tensor_parallel_size, max_num_seqs,
-    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, attention_backend,
-    compile_unit, seed, enable_prefix_caching, warmup) and their defaults are declared once, on
-    `_setup`; an unknown one is a TypeError.
+    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, kv_cache_dtype,
+    attention_backend, compile_unit, seed, enable_prefix_caching, warmup) and their defaults are
+    declared once, on `_setup`; an unknown one is a TypeError.
     """
 
     def __init__(self, model: str = registry.DEFAULT_MODEL, **options: Any) -> None:
@@ -117,6 +138,7 @@ class LLM:
         page_size: int = 16,
         num_pages: int | None = None,
         kv_cache_memory_gb: float = 2.0,
+        kv_cache_dtype: str = "auto",
         attention_backend: str = "auto",
         compile_unit: str = "auto",
         seed: int = 0,
@@ -136,6 +158,7 @@ class LLM:
             attention_backend, head_dim=cfg.head_dim, tensor_parallel_size=tensor_parallel_size
         )
         self.dtype = resolve_dtype(dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, attention_backend)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
         config = EngineConfig(
@@ -150,10 +173,9 @@ class LLM:
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
         )
-        pages = config.resolve_num_pages(cfg, self.dtype)
-        cache = init_cache(
-            cfg, pages, page_size, self.dtype, cache_sharding(cfg, self.mesh, pages, page_size)
-        )
+        pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
+        sharding = cache_sharding(cfg, self.mesh, pages, page_size)
+        cache = init_cache(cfg, pages, page_size, self.kv_cache_dtype, sharding)
         self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()

@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
     p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--attention-backend",
@@ -93,6 +99,7 @@ def make_loader(args: argparse.Namespace) -> Any:
             page_size=args.page_size,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             num_pages=args.num_pages,
+            kv_cache_dtype=args.kv_cache_dtype,
             seed=args.seed,
             enable_prefix_caching=args.enable_prefix_caching,
             attention_backend=args.attention_backend,

@@ -274,6 +274,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--compile-unit", default="auto", choices=["auto", "step", "layer"])
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto: the model's dtype")
     ap.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"])
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--llamacpp-prompts", type=int, default=16)
@@ -301,6 +302,7 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         compile_unit=args.compile_unit,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=False,  # unique prompts; the prefill probe reruns one length
     )
     path = None

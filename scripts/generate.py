@@ -377,6 +377,8 @@ def build_llm(args: argparse.Namespace) -> jinfer.LLM:
             tensor_parallel_size=args.tensor_parallel_size,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_dtype=args.kv_cache_dtype,
+            compile_unit=args.compile_unit,
             warmup=not args.no_warmup,
         )
     except (FileNotFoundError, ValueError) as e:
@@ -584,6 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine step")
     e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     e.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard over")
+    e.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
+    )
+    e.add_argument(
+        "--compile-unit",
+        default="auto",
+        choices=["auto", "step", "layer"],
+        help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
+    )
     e.add_argument(
         "--no-warmup",
         action="store_true",

@@ -264,3 +264,32 @@ def test_compile_unit_auto_is_per_layer_on_cpu_and_a_bad_value_is_named(make_tin
     assert resolve_compile_unit("auto", "tpu") == "step"
     with pytest.raises(ValueError, match="compile_unit.*'fused'"):
         make_tiny_llm(compile_unit="fused", warmup=False)
+
+
+def test_bfloat16_kv_cache_next_to_float32_weights(make_tiny_llm):
+    import jax.numpy as jnp
+
+    prompts = _prompts([300, 3, 40])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    full = make_tiny_llm(kv_cache_memory_gb=0.0005, max_model_len=320)
+    half = make_tiny_llm(kv_cache_memory_gb=0.0005, max_model_len=320, kv_cache_dtype="bfloat16")
+    assert half.engine.runner.cache.k[0].dtype == jnp.bfloat16
+    assert half.engine.runner.params.embed.dtype == jnp.float32
+    # The same memory holds twice the pages.
+    pages_full, pages_half = (x.engine.runner.cache.num_pages for x in (full, half))
+    assert pages_half in (2 * pages_full, 2 * pages_full + 1)  # (fit rounds down)
+    before = half.engine.num_compiles
+    want, got = (llm.generate(prompts, params, use_tqdm=False) for llm in (full, half))
+    assert half.engine.num_compiles == before
+    assert _tokens(got) == _tokens(want)
+    for g, w in zip(got, want, strict=True):
+        for ge, we in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            tok = next(iter(we))
+            assert abs(ge[tok].logprob - we[tok].logprob) < 0.05  # bf16 keys: ~3 digits
+
+
+def test_bad_kv_cache_dtypes_are_named(make_tiny_llm):
+    with pytest.raises(ValueError, match="kv_cache_dtype.*'int8'"):
+        make_tiny_llm(kv_cache_dtype="int8", warmup=False)
+    with pytest.raises(ValueError, match="only attention_backend='xla'"):
+        make_tiny_llm(kv_cache_dtype="bfloat16", attention_backend="pallas", warmup=False)
