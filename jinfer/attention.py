@@ -75,6 +75,15 @@ def paged_attention(
     raise ValueError(f"unknown attention backend {meta.backend!r}")
 
 
+def gather_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """pages[page_ids] ([..., Z, K, H]) in float32. A pool of bfloat16 bit patterns
+    (`kv_cache.BF16_BITS`) is gathered as 16-bit integers and widened by a shift, exactly."""
+    if pages.dtype == jnp.uint16:
+        bits = pages[page_ids].astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return pages[page_ids].astype(jnp.float32)
+
+
 def online_softmax_step(
     m: jax.Array, denom: jax.Array, s: jax.Array, visible: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -207,8 +216,8 @@ def _token_loop(
         m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
         cols = b * pages_per_block + jnp.arange(pages_per_block)
         page_ids = jnp.take(token_tables, cols, axis=1)  # [T, pages_per_block]
-        kb = k_pages[page_ids].reshape(t, block, k, h).astype(jnp.float32)  # [T, C, K, H]
-        vb = v_pages[page_ids].reshape(t, block, k, h).astype(jnp.float32)  # [T, C, K, H]
+        kb = gather_pages(k_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
+        vb = gather_pages(v_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
         s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)  # [T, K, G, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import NEG_INF, online_softmax_step
+from jinfer.attention import NEG_INF, gather_pages, online_softmax_step
 
 BIG = 2**30
 
@@ -61,8 +61,8 @@ def blocked_paged_attention(
         m, denom, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, H]
         cols = j * pages_per_block + jnp.arange(pages_per_block)
         page_ids = jnp.take(tables, cols, axis=1)  # [NB, pages_per_block]
-        kb = k_pages[page_ids].reshape(nb, block, k, h).astype(jnp.float32)  # [NB, C, K, H]
-        vb = v_pages[page_ids].reshape(nb, block, k, h).astype(jnp.float32)  # [NB, C, K, H]
+        kb = gather_pages(k_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
+        vb = gather_pages(v_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
         s = jnp.einsum("bqkgh,bckh->bkgqc", qb, kb)  # [NB, K, G, Bq, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -145,8 +145,8 @@ def _one_request_attention(
     def body(j, carry):
         m, denom, acc = carry  # [K, G, T], [K, G, T], [K, G, T, H]
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
-        kb = k_pages[page_ids].reshape(block, k, h).astype(jnp.float32)  # [C, K, H]
-        vb = v_pages[page_ids].reshape(block, k, h).astype(jnp.float32)
+        kb = gather_pages(k_pages, page_ids).reshape(block, k, h)  # [C, K, H]
+        vb = gather_pages(v_pages, page_ids).reshape(block, k, h)
         s = jnp.einsum("kgth,ckh->kgtc", qk, kb)  # [K, G, T, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)

@@ -24,6 +24,18 @@ from jinfer.config import ModelConfig
 
 SCRATCH_PAGE = 0
 
+# A bfloat16 pool read by the XLA attention is stored as its 16-bit patterns: XLA:CPU moves a
+# widening convert (or a bitcast) of gathered blocks onto the whole pool, once per layer and
+# step, while integer bits gathered and shifted stay per block (`attention.gather_pages`).
+BF16_BITS = jnp.uint16
+
+
+def storage_dtype(dtype: Any, attention_backend: str) -> Any:
+    """The dtype a pool of `dtype` keys/values is stored in for `attention_backend`."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and attention_backend == "xla":
+        return BF16_BITS
+    return dtype
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -74,6 +86,8 @@ def write(
 ) -> jax.Array:
     """Writes one layer's new keys (or values) into their slots; returns the updated pool."""
     page_size = pages.shape[1]
+    if pages.dtype == BF16_BITS:
+        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BF16_BITS)
     # Index the pool in place ([page, offset]): scattering into a reshaped view made XLA copy
     # the whole pool on every step.
     return pages.at[slot_mapping // page_size, slot_mapping % page_size].set(

@@ -21,7 +21,7 @@ from jinfer import registry
 from jinfer.compile_cache import enable_persistent_cache
 from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
-from jinfer.kv_cache import init_cache
+from jinfer.kv_cache import init_cache, storage_dtype
 from jinfer.outputs import RequestOutput
 from jinfer.params import Params
 from jinfer.sampling_params import SamplingParams
@@ -175,7 +175,8 @@ class LLM:
         )
         pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
         sharding = cache_sharding(cfg, self.mesh, pages, page_size)
-        cache = init_cache(cfg, pages, page_size, self.kv_cache_dtype, sharding)
+        stored = storage_dtype(self.kv_cache_dtype, attention_backend)
+        cache = init_cache(cfg, pages, page_size, stored, sharding)
         self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()

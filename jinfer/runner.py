@@ -63,9 +63,7 @@ num_compiles()  # start counting at import
 # Model and sampler compile separately: a new sampling variant (penalties, a wide logit bias)
 # costs a small compile, never a recompile of the model. Module-level, so engines with the same
 # config and shapes share compiled programs.
-_forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
-
-
+#
 # The engine's entry points take their small inputs packed (`packing.py`): one int32 and one
 # float32 buffer per call instead of ~30 separate host-to-device copies, and the sampler hands
 # back one [B, 2 + 2 * MAX_LOGPROBS] array (one device-to-host copy).

@@ -13,37 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_util import copy_bandwidth, timed
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
 from pallas_kernels import decode_gpu, ragged_gpu
 
 KV_HEADS, Q_PER_KV, PAGE = 8, 4, 16
-
-
-def copy_bandwidth(nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy (each byte read once and written once)."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    f = jax.jit(lambda a: a + 1)
-    return 2 * nbytes / timed(lambda: f(x))
-
-
-def timed(fn: Callable[[], jax.Array], reps: int = 10) -> float:
-    """Median seconds per call, after one warm-up call (which compiles)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return float(np.median(times))
 
 
 def looped(fn: Callable, n: int) -> Callable:

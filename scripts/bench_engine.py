@@ -14,6 +14,7 @@ import logging
 import time
 
 import numpy as np
+from _bench_util import prefill_rate, random_ids
 
 from jinfer import LLM, SamplingParams
 
@@ -32,16 +33,6 @@ def _decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
         eng.step()
     elapsed = time.perf_counter() - t0
     return (eng.stats.num_generated_tokens - start) / elapsed
-
-
-def _prefill_rate(llm: LLM, prompt_len: int) -> float:
-    rng = np.random.default_rng(0)
-    prompt = {"prompt_token_ids": rng.integers(100, 40000, prompt_len).tolist()}
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate([prompt], params, use_tqdm=False)  # touch every page once
-    t0 = time.perf_counter()
-    llm.generate([prompt], params, use_tqdm=False)
-    return prompt_len / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -73,7 +64,7 @@ def main() -> None:
         "warmup_s": round(llm.warmup_time, 1),
         "ready_s": round(time.perf_counter() - t0, 1),
         "buckets": list(llm.engine.runner.buckets),
-        "prefill_tok_s": round(_prefill_rate(llm, args.prefill_len), 1),
+        "prefill_tok_s": round(prefill_rate(llm, random_ids(args.prefill_len)), 1),
     }
     for b in args.batch_sizes:
         results[f"decode_tok_s_b{b}"] = round(

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_util import copy_bandwidth, gemm_rate, prefill_rate
 
 from jinfer import LLM, SamplingParams, registry
 from jinfer.config import ModelConfig
@@ -76,20 +77,7 @@ def make_workload(kind: str, num_prompts: int, vocab: int, seed: int = 0) -> Wor
 # ------------------------------------------------------------------------------ ceilings
 def measure_ceilings(dtype, gemm_n: int, copy_bytes: int) -> dict:
     """GEMM FLOP/s in `dtype` (an n x n x n product) and copy bytes/s (read + write)."""
-
-    def best(f, *args) -> float:
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    a = jnp.ones((gemm_n, gemm_n), dtype)
-    gemm = 2 * gemm_n**3 / best(jax.jit(lambda x, y: x @ y), a, a)
-    x = jnp.ones(copy_bytes // 4, jnp.float32)
-    copy = 2 * copy_bytes / best(jax.jit(lambda v: v + 1), x)
+    gemm, copy = gemm_rate(gemm_n, dtype), copy_bandwidth(copy_bytes)
     return {"gemm_gflop_s": round(gemm / 1e9, 1), "copy_gb_s": round(copy / 1e9, 1)}
 
 
@@ -124,15 +112,10 @@ def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
     got = sum(len(o.outputs[0].token_ids) for o in outs)
     assert got == work.num_output_tokens, (got, work.num_output_tokens)
     step, dev = stats.step_time - step0, stats.device_time - dev0
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prefill_prompt[::-1]}], one, use_tqdm=False)  # warm
-    t1 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prefill_prompt}], one, use_tqdm=False)
-    prefill = time.perf_counter() - t1
     return {
         "output_tok_s": work.num_output_tokens / wall,
         "wall_s": wall,
-        "prefill_tok_s": len(prefill_prompt) / prefill,
+        "prefill_tok_s": prefill_rate(llm, prefill_prompt),
         "host_fraction": (step - dev) / step if step else 0.0,
         "compiles_after_warmup": llm.engine.num_compiles - compiles0,  # should stay 0
     }

@@ -11,21 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 
-import numpy as np
+from _bench_util import prefill_rate, random_ids
 
-from jinfer import LLM, SamplingParams, batch_layout
-
-
-def prefill_rate(llm: LLM, prompt_len: int, seed: int) -> float:
-    """Tokens per second of one cold `prompt_len`-token prefill (max_tokens=1)."""
-    rng = np.random.default_rng(seed)
-    prompt = {"prompt_token_ids": rng.integers(100, 40000, prompt_len).tolist()}
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    t0 = time.perf_counter()
-    llm.generate([prompt], params, use_tqdm=False)
-    return prompt_len / (time.perf_counter() - t0)
+from jinfer import LLM, batch_layout
 
 
 def main() -> None:
@@ -53,7 +42,7 @@ def main() -> None:
     results["warmup_s"] = round(llm.warmup_time, 1)
     for i, n in enumerate(args.lengths):
         results[f"prefill_tok_s_{n}"] = round(
-            prefill_rate(llm, min(n, args.max_model_len - 1), i), 1
+            prefill_rate(llm, random_ids(min(n, args.max_model_len - 1), i), warm=False), 1
         )
         print(json.dumps(results), flush=True)
     if args.json:

@@ -166,3 +166,35 @@ def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, so
     want = _dense_reference(q[real], k_seq, v_seq, positions[real], window, softcap)
     assert np.all(np.isfinite(np.asarray(got)))
     np.testing.assert_allclose(np.asarray(got)[real], want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_pool_of_bfloat16_bits_reads_exactly_as_its_float32_values():
+    """kv_cache.BF16_BITS: a bfloat16 pool kept as uint16 patterns, widened per gathered block."""
+    import jax
+
+    from jinfer.kv_cache import BF16_BITS, write
+
+    rng = np.random.default_rng(3)
+    pages = jnp.asarray(rng.standard_normal((6, PAGE, 2, 8)).astype(np.float32))
+    as_bf16 = pages.astype(jnp.bfloat16)
+    bits = jax.lax.bitcast_convert_type(as_bf16, BF16_BITS)
+    tables = np.array([[3, 1, 5], [2, 4, 0]], np.int32)
+    positions, seq_ids = np.array([9, 10, 2]), np.array([0, 0, 1])
+    meta = AttentionMetadata(
+        positions=jnp.asarray(positions, jnp.int32),
+        seq_ids=jnp.asarray(seq_ids, jnp.int32),
+        slot_mapping=_slots(tables, seq_ids, positions),
+        block_tables=jnp.asarray(tables),
+    )
+    q = jnp.asarray(rng.standard_normal((3, 4, 8)).astype(np.float32))
+    want = xla_paged_attention(q, as_bf16.astype(jnp.float32), as_bf16.astype(jnp.float32), meta)
+    got = xla_paged_attention(q, bits, bits, meta)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Writes round to bfloat16 and store the bits.
+    new = jnp.asarray(rng.standard_normal((3, 2, 8)).astype(np.float32))
+    written = write(bits, new, meta.slot_mapping)
+    assert written.dtype == BF16_BITS
+    back = jax.lax.bitcast_convert_type(written, jnp.bfloat16)[
+        meta.slot_mapping // PAGE, meta.slot_mapping % PAGE
+    ]
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(new.astype(jnp.bfloat16)))

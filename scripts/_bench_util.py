@@ -1,0 +1,64 @@
+"""Measurements every benchmark script shares: the machine's ceilings and one cold prefill.
+
+Scripts run as `python scripts/NAME.py`, so `scripts/` is on the path and they import this as
+`_bench_util`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn: Callable[[], Any], reps: int = 10, rounds: int = 3) -> float:
+    """Median seconds per call over `rounds` rounds of `reps` calls, after one warm-up call
+    (which compiles). Results are waited for once per round, so calls may overlap."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a jitted device-to-device copy, `a + 1` over `nbytes` (each byte read once and
+    written once, both counted)."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * nbytes / timed(lambda: f(x), reps=5)
+
+
+def gemm_rate(n: int, dtype: Any = jnp.float32) -> float:
+    """FLOP/s of one n x n x n matrix product in `dtype`."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / timed(lambda: f(a, a), reps=3, rounds=5)
+
+
+def random_ids(n: int, seed: int = 0) -> list[int]:
+    """n random token ids clear of the first 100 (where special tokens live)."""
+    return np.random.default_rng(seed).integers(100, 40000, n).tolist()
+
+
+def prefill_rate(llm: Any, ids: list[int], warm: bool = True) -> float:
+    """Tokens/s of one cold prompt, timed to its first token.
+
+    `warm` first runs the reversed prompt (same length, so the same programs and as many pages,
+    but nothing of the timed prompt for the prefix cache to find)."""
+    from jinfer import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    if warm:
+        llm.generate([{"prompt_token_ids": ids[::-1]}], params, use_tqdm=False)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+    return len(ids) / (time.perf_counter() - t0)
