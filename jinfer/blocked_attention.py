@@ -14,6 +14,8 @@ as 0; blocks of padding only (len 0) likewise.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -133,6 +135,10 @@ def _one_request_attention(
     window: int | None,
     softcap: float | None,
 ) -> jax.Array:  # [T, N, H] float32
+    """Key blocks every valid query sees whole (below the chunk's diagonal, inside every
+    query's window) skip the masks, as flash attention does: at long context they are nearly
+    all of them. (CPU, a 512-token chunk at 1.5k-3.5k context: the selects were ~1/4 of the
+    attention kernels' time; the chunk got ~4% faster end to end.)"""
     t, k, g, h = q.shape
     page_size = k_pages.shape[1]
     ppb = max(1, block // page_size)
@@ -140,9 +146,8 @@ def _one_request_attention(
     pad = (-table.shape[0]) % ppb
     table = jnp.pad(table, (0, pad)) if pad else table
     qk = q.transpose(1, 2, 0, 3)  # [K, G, T, H]
-    first = lo // block
 
-    def body(j, carry):
+    def step(j, carry, masked: bool):
         m, denom, acc = carry  # [K, G, T], [K, G, T], [K, G, T, H]
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
         kb = gather_pages(k_pages, page_ids).reshape(block, k, h)  # [C, K, H]
@@ -150,21 +155,37 @@ def _one_request_attention(
         s = jnp.einsum("kgth,ckh->kgtc", qk, kb)  # [K, G, T, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
-        key_pos = j * block + jnp.arange(block)  # [C]
-        visible = (key_pos[None, :] <= positions[:, None]) & valid[:, None]  # [T, C]
-        if window is not None:
-            visible &= key_pos[None, :] > positions[:, None] - window
-        m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible)
-        seen = jnp.any(visible, axis=0)  # [C]: keys nobody sees may be stale or NaN
-        vb = jnp.where(seen[:, None, None], vb, 0.0)
+        if not masked:
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            l_new = denom * corr + p.sum(axis=-1)
+        else:
+            key_pos = j * block + jnp.arange(block)  # [C]
+            visible = (key_pos[None, :] <= positions[:, None]) & valid[:, None]  # [T, C]
+            if window is not None:
+                visible &= key_pos[None, :] > positions[:, None] - window
+            m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible)
+            seen = jnp.any(visible, axis=0)  # [C]: keys nobody sees may be stale or NaN
+            vb = jnp.where(seen[:, None, None], vb, 0.0)
         acc_new = acc * corr[..., None] + jnp.einsum("kgtc,ckh->kgth", p, vb)
         return m_new, l_new, acc_new
 
-    init = (
+    # Blocks [whole_lo, whole_hi) are visible in full to every valid query.
+    first, last = lo // block, -(-hi // block)
+    newest = jnp.max(jnp.where(valid, positions, -1))
+    oldest = jnp.min(jnp.where(valid, positions, BIG))
+    whole_hi = jnp.clip((oldest + 1) // block, first, last)
+    whole_lo = first if window is None else -(-(newest - window + 1) // block)
+    whole_lo = jnp.clip(whole_lo, first, whole_hi)
+    carry = (
         jnp.full((k, g, t), NEG_INF, jnp.float32),
         jnp.zeros((k, g, t), jnp.float32),
         jnp.zeros((k, g, t, h), jnp.float32),
     )
-    _, denom, acc = jax.lax.fori_loop(first, -(-hi // block), body, init)
+    masked = functools.partial(step, masked=True)
+    carry = jax.lax.fori_loop(first, whole_lo, masked, carry)
+    carry = jax.lax.fori_loop(whole_lo, whole_hi, functools.partial(step, masked=False), carry)
+    _, denom, acc = jax.lax.fori_loop(whole_hi, last, masked, carry)
     out = acc / jnp.maximum(denom, 1e-30)[..., None]  # [K, G, T, H]
     return out.transpose(2, 0, 1, 3).reshape(t, k * g, h)

@@ -95,25 +95,28 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("mix", ["many", "one-prefill"])
+@pytest.mark.parametrize("mix", ["many", "one-prefill", "one-prefill-long"])
 @pytest.mark.parametrize("query_block", [4, 16])
 @pytest.mark.parametrize("gqa", [1, 4])
-@pytest.mark.parametrize("window", [None, 5, 21])
+@pytest.mark.parametrize("window", [None, 5, 21, 600])
 @pytest.mark.parametrize("softcap", [None, 20.0])
 def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, softcap, mix):
     """Decodes per token in region A, prefill runs in query blocks sharing one KV gather: runs of
     1, Bq-1, Bq, Bq+1 and several blocks, after cached prefixes that end mid-page and mid-block.
-    `one-prefill`: the blocks all hold one request's chunk (the one-gather path)."""
+    `one-prefill`: the blocks all hold one request's chunk (the one-gather path); `-long` after
+    a 700-token prefix, so most key blocks are seen whole and skip the masks."""
     rng = np.random.default_rng(query_block * 1000 + gqa * 100 + (window or 0))
     bq = query_block
-    kv_heads, head_dim, num_pages, max_pages = 2, 8, 160, 40
+    kv_heads, head_dim, num_pages, max_pages = 2, 8, 260, 200
     n = kv_heads * gqa
     # (computed before, new this step), in plan order; decodes mixed in between prefill runs
     if mix == "many":
         requests = [(5, 1), (0, bq - 1), (PAGE + 1, bq), (9, 1), (3, bq + 1), (0, 3 * bq + 2)]
         requests += [(2 * bq + 3, 2 * bq + 1), (30, 1), (0, 2)]
-    else:
+    elif mix == "one-prefill":
         requests = [(5, 1), (2 * PAGE + 3, 3 * bq + 5), (9, 1)]
+    else:
+        requests = [(5, 1), (700, 3 * bq + 5), (9, 1)]
     lengths = [new for _, new in requests]
     rows = list(range(len(requests)))
     a = align(len(requests), bq)
