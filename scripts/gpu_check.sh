@@ -52,7 +52,7 @@ PYEOF
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
   else
     stage "kernel tests, compiled on the GPU (+ XLA attention, sampler, tiny engine e2e)"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" -rfE tests/test_ragged_gpu.py \
+    timeout 180 $PY -m pytest -q -p no:cacheprovider -m "not slow" -rfE tests/test_ragged_gpu.py \
       tests/test_decode_gpu.py tests/test_attention.py tests/test_pallas_backend.py \
       tests/test_sampling.py > "$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/pytest.log" | tail -12

@@ -271,8 +271,9 @@ def test_bfloat16_kv_cache_next_to_float32_weights(make_tiny_llm):
 
     prompts = _prompts([300, 3, 40])
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    full = make_tiny_llm(kv_cache_memory_gb=0.0005, max_model_len=320)
-    half = make_tiny_llm(kv_cache_memory_gb=0.0005, max_model_len=320, kv_cache_dtype="bfloat16")
+    common = dict(kv_cache_memory_gb=0.0005, max_model_len=320, attention_backend="xla")
+    full = make_tiny_llm(**common)
+    half = make_tiny_llm(**common, kv_cache_dtype="bfloat16")
     assert half.engine.runner.cache.k[0].dtype == jnp.uint16  # bfloat16 bits (kv_cache.py)
     assert half.engine.runner.params.embed.dtype == jnp.float32
     # The same memory holds twice the pages.
