@@ -28,6 +28,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jinfer import kv_cache
+
 NEG_INF = -1e30
 
 
@@ -36,8 +38,8 @@ NEG_INF = -1e30
 class AttentionMetadata:
     positions: jax.Array  # [T] int32
     seq_ids: jax.Array  # [T] int32: row of block_tables (padding -> 0)
-    # [T] int32: flat cache slot to write. Padding -> the scratch page (a slot < page size),
-    # which is also how attention tells padding from real tokens and skips it.
+    # [T] int32: flat cache slot to write. Padding -> the scratch page, which is also how
+    # attention tells padding from real tokens and skips it.
     slot_mapping: jax.Array
     block_tables: jax.Array  # [R, Pmax] int32
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
@@ -75,25 +77,20 @@ def paged_attention(
     raise ValueError(f"unknown attention backend {meta.backend!r}")
 
 
-def gather_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
-    """pages[page_ids] ([..., Z, K, H]) in float32. A pool of bfloat16 bit patterns
-    (`kv_cache.BF16_BITS`) is gathered as 16-bit integers and widened by a shift, exactly."""
-    if pages.dtype == jnp.uint16:
-        bits = pages[page_ids].astype(jnp.uint32) << 16
-        return jax.lax.bitcast_convert_type(bits, jnp.float32)
-    return pages[page_ids].astype(jnp.float32)
-
-
 def online_softmax_step(
-    m: jax.Array, denom: jax.Array, s: jax.Array, visible: jax.Array
+    m: jax.Array, denom: jax.Array, s: jax.Array, visible: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Folds one key block's scores s [..., C] (`visible` broadcasts to s) into the running max
-    m and denominator denom [...]. Returns (m_new, denom_new, p, corr): p the block's
-    unnormalised weights (0 where not visible), corr the factor the accumulator is rescaled by.
-    Every XLA attention loop here (per token, per query block, one request) steps through it."""
-    s = jnp.where(visible, s, NEG_INF)
+    """Folds one key block's scores s [..., C] (`visible` broadcasts to s; None: every key is
+    visible, no masks) into the running max m and denominator denom [...]. Returns (m_new,
+    denom_new, p, corr): p the block's unnormalised weights (0 where not visible), corr the
+    factor the accumulator is rescaled by. Every XLA attention loop here (per token, per query
+    block, one request) steps through it."""
+    if visible is not None:
+        s = jnp.where(visible, s, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
     corr = jnp.exp(m - m_new)
     return m_new, denom * corr + p.sum(axis=-1), p, corr
 
@@ -175,9 +172,9 @@ def _per_token_attention(
     def split(x: jax.Array) -> jax.Array:
         return x.reshape(groups, size, *x.shape[1:])
 
-    # Padding tokens write to the scratch page (slots below one page) and need no keys: a group
-    # of padding only runs no key steps at all.
-    real = meta.slot_mapping >= page_size  # [T]
+    # Padding tokens write to the scratch page and need no keys: a group of padding only runs
+    # no key steps at all.
+    real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
     # lax.map: one compiled loop body run once per group, each with its own trip count.
     out = jax.lax.map(
         lambda xs: _token_loop(
@@ -216,8 +213,8 @@ def _token_loop(
         m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
         cols = b * pages_per_block + jnp.arange(pages_per_block)
         page_ids = jnp.take(token_tables, cols, axis=1)  # [T, pages_per_block]
-        kb = gather_pages(k_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
-        vb = gather_pages(v_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
+        kb = kv_cache.read_pages(k_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
+        vb = kv_cache.read_pages(v_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
         s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)  # [T, K, G, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)

@@ -19,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import NEG_INF, gather_pages, online_softmax_step
+from jinfer import kv_cache
+from jinfer.attention import NEG_INF, online_softmax_step
 
 BIG = 2**30
 
@@ -63,8 +64,8 @@ def blocked_paged_attention(
         m, denom, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, H]
         cols = j * pages_per_block + jnp.arange(pages_per_block)
         page_ids = jnp.take(tables, cols, axis=1)  # [NB, pages_per_block]
-        kb = gather_pages(k_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
-        vb = gather_pages(v_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
+        kb = kv_cache.read_pages(k_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
+        vb = kv_cache.read_pages(v_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
         s = jnp.einsum("bqkgh,bckh->bkgqc", qb, kb)  # [NB, K, G, Bq, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -150,16 +151,13 @@ def _one_request_attention(
     def step(j, carry, masked: bool):
         m, denom, acc = carry  # [K, G, T], [K, G, T], [K, G, T, H]
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
-        kb = gather_pages(k_pages, page_ids).reshape(block, k, h)  # [C, K, H]
-        vb = gather_pages(v_pages, page_ids).reshape(block, k, h)
+        kb = kv_cache.read_pages(k_pages, page_ids).reshape(block, k, h)  # [C, K, H]
+        vb = kv_cache.read_pages(v_pages, page_ids).reshape(block, k, h)
         s = jnp.einsum("kgth,ckh->kgtc", qk, kb)  # [K, G, T, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         if not masked:
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            l_new = denom * corr + p.sum(axis=-1)
+            m_new, l_new, p, corr = online_softmax_step(m, denom, s, None)
         else:
             key_pos = j * block + jnp.arange(block)  # [C]
             visible = (key_pos[None, :] <= positions[:, None]) & valid[:, None]  # [T, C]

@@ -26,7 +26,7 @@ SCRATCH_PAGE = 0
 
 # A bfloat16 pool read by the XLA attention is stored as its 16-bit patterns: XLA:CPU moves a
 # widening convert (or a bitcast) of gathered blocks onto the whole pool, once per layer and
-# step, while integer bits gathered and shifted stay per block (`attention.gather_pages`).
+# step, while integer bits gathered and shifted stay per block (`read_pages`).
 BF16_BITS = jnp.uint16
 
 
@@ -77,6 +77,15 @@ def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any = jnp.float32) -
     """Bytes one page costs across all layers, keys and values."""
     per_layer = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
     return 2 * cfg.num_layers * per_layer
+
+
+def read_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """pages[page_ids] ([..., Z, K, H]) in float32. A pool of bfloat16 bits (`BF16_BITS`) is
+    gathered as 16-bit integers and widened by a shift, exactly."""
+    if pages.dtype == BF16_BITS:
+        bits = pages[page_ids].astype(jnp.uint32) << 16
+        return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return pages[page_ids].astype(jnp.float32)
 
 
 def write(
