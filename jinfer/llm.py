@@ -39,13 +39,7 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, attention_backend: s
     KV memory and the bytes decode attention reads; the XLA path upcasts each key block."""
     if kv_cache_dtype == "auto":
         return dtype
-    try:
-        kv = resolve_dtype(kv_cache_dtype)
-    except ValueError:
-        raise ValueError(
-            "kv_cache_dtype must be one of auto, float32, bfloat16, float16; "
-            f"got {kv_cache_dtype!r}"
-        ) from None
+    kv = resolve_dtype(kv_cache_dtype, option="kv_cache_dtype")
     if kv != dtype and attention_backend != "xla":
         raise ValueError(
             f"kv_cache_dtype={kv_cache_dtype} differs from the model dtype "
@@ -55,14 +49,18 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, attention_backend: s
     return kv
 
 
-def resolve_dtype(dtype: str) -> Any:
-    """`auto` is float32 on CPU (bf16 matmuls are slower there) and bfloat16 on accelerators."""
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = ("auto", *_DTYPES)  # the choices of `dtype` and `kv_cache_dtype`
+
+
+def resolve_dtype(dtype: str, option: str = "dtype") -> Any:
+    """`auto` is float32 on CPU (bf16 matmuls are slower there) and bfloat16 on accelerators.
+    `option` names the setting in the error for an unknown dtype."""
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
-    return table[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"{option} must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
 
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")

@@ -87,9 +87,9 @@ _sample_step = jax.jit(_sample_packed, static_argnums=(1,))
 # compile_unit="layer": the same step as one program per layer kind (plus embed and head), run
 # layer by layer from Python. Each program is ~1/L of the whole step, and every layer of a kind
 # shares it, so warm-up compiles (and a restart loads) ~L times less code.
-def _embed_packed(embed_table, cfg, layout, ibuf, fbuf):
+def _embed_packed(edge_params, cfg, layout, ibuf, fbuf):
     tokens, _, _ = packing.unpack(layout, ibuf, fbuf)
-    return model.embed(Params(embed_table, (), None), cfg, tokens)
+    return model.embed(edge_params, cfg, tokens)
 
 
 def _layer_packed(p, cfg, kind, layout, ibuf, fbuf, x, k_pages, v_pages):
@@ -97,9 +97,9 @@ def _layer_packed(p, cfg, kind, layout, ibuf, fbuf, x, k_pages, v_pages):
     return model.decoder_layer(cfg, kind, p, x, k_pages, v_pages, meta)
 
 
-def _head_packed(head_params, cfg, layout, ibuf, fbuf, x):
+def _head_packed(edge_params, cfg, layout, ibuf, fbuf, x):
     _, _, logits_idx = packing.unpack(layout, ibuf, fbuf)
-    return model.logits_head(head_params, cfg, x, logits_idx)
+    return model.logits_head(edge_params, cfg, x, logits_idx)
 
 
 _embed_step = jax.jit(_embed_packed, static_argnums=(1, 2))
@@ -371,15 +371,15 @@ class ModelRunner:
             )
             return logits
         ibuf, fbuf = jax.device_put((ibuf, fbuf))  # once, not once per layer
-        x = _embed_step(self.params.embed, self.cfg, layout, ibuf, fbuf)  # [T, D]
+        edges = dataclasses.replace(self.params, layers=())  # embed, final norm, lm_head
+        x = _embed_step(edges, self.cfg, layout, ibuf, fbuf)  # [T, D]
         ks, vs = list(self.cache.k), list(self.cache.v)
         for i, p in enumerate(self.params.layers):
             x, ks[i], vs[i] = _layer_step(
                 p, self.cfg, self._layer_kinds[i], layout, ibuf, fbuf, x, ks[i], vs[i]
             )
         self.cache = KVCache(k=tuple(ks), v=tuple(vs))
-        head = dataclasses.replace(self.params, layers=())  # embed/lm_head, final norm
-        return _head_step(head, self.cfg, layout, ibuf, fbuf, x)
+        return _head_step(edges, self.cfg, layout, ibuf, fbuf, x)
 
     def _sample(self, logits: jax.Array, sbatch: SamplingBatch) -> jax.Array:
         layout, ibuf, fbuf = packing.pack(sbatch)

@@ -19,6 +19,8 @@ from typing import Any
 import uvicorn
 
 from jinfer import registry
+from jinfer.llm import DTYPES
+from jinfer.runner import COMPILE_UNITS
 
 log = logging.getLogger("jinfer.serve")
 
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile-unit",
         default="auto",
-        choices=["auto", "step", "layer"],
+        choices=COMPILE_UNITS,
         help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
     )
     p.add_argument(

@@ -17,6 +17,7 @@ import numpy as np
 from _bench_util import prefill_rate, random_ids
 
 from jinfer import LLM, SamplingParams
+from jinfer.runner import COMPILE_UNITS
 
 
 def _decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--compile-unit", default="auto", choices=["auto", "step", "layer"])
+    ap.add_argument("--compile-unit", default="auto", choices=COMPILE_UNITS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -35,6 +35,8 @@ from _bench_util import copy_bandwidth, gemm_rate, prefill_rate
 
 from jinfer import LLM, SamplingParams, registry
 from jinfer.config import ModelConfig
+from jinfer.llm import DTYPES
+from jinfer.runner import COMPILE_UNITS
 
 log = logging.getLogger("bench_offline")
 
@@ -256,8 +258,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU/TPU")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--compile-unit", default="auto", choices=["auto", "step", "layer"])
-    ap.add_argument("--kv-cache-dtype", default="auto", help="auto: the model's dtype")
+    ap.add_argument("--compile-unit", default="auto", choices=COMPILE_UNITS)
+    ap.add_argument(
+        "--kv-cache-dtype", default="auto", choices=DTYPES, help="auto: the model's dtype"
+    )
     ap.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"])
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--llamacpp-prompts", type=int, default=16)

@@ -51,7 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import jinfer
+from jinfer.llm import DTYPES
 from jinfer.registry import DEFAULT_MODEL
+from jinfer.runner import COMPILE_UNITS
 
 log = logging.getLogger("generate")
 
@@ -589,13 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
     )
     e.add_argument(
         "--compile-unit",
         default="auto",
-        choices=["auto", "step", "layer"],
+        choices=COMPILE_UNITS,
         help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
     )
     e.add_argument(
