@@ -37,6 +37,15 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / timed(lambda: f(x), reps=5)
 
 
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a jitted sum over `nbytes` (each byte read once): what streaming weights
+    can reach. On this project's CPU it is ~4x `copy_bandwidth`, whose writes are the slow
+    half (a 1 GiB buffer, larger than the 300 MB L3: 30 against 8 GB/s)."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(jnp.sum)
+    return nbytes / timed(lambda: f(x), reps=5)
+
+
 def gemm_rate(n: int, dtype: Any = jnp.float32) -> float:
     """FLOP/s of one n x n x n matrix product in `dtype`."""
     a = jnp.ones((n, n), dtype)
@@ -62,3 +71,23 @@ def prefill_rate(llm: Any, ids: list[int], warm: bool = True) -> float:
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
     return len(ids) / (time.perf_counter() - t0)
+
+
+def decode_rate(llm: Any, batch: int, prompt_len: int, steps: int) -> float:
+    """Output tok/s of `batch` requests decoding together, timed over steady-state steps only
+    (every prompt prefilled first)."""
+    from jinfer import SamplingParams
+
+    eng = llm.engine
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"d{batch}-{i}", rng.integers(100, 40000, prompt_len).tolist(), params)
+    while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
+        eng.step()  # prefill everything first
+    start = eng.stats.num_generated_tokens
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+    elapsed = time.perf_counter() - t0
+    return (eng.stats.num_generated_tokens - start) / elapsed

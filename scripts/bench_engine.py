@@ -13,27 +13,10 @@ import json
 import logging
 import time
 
-import numpy as np
-from _bench_util import prefill_rate, random_ids
+from _bench_util import decode_rate, prefill_rate, random_ids
 
-from jinfer import LLM, SamplingParams
+from jinfer import LLM
 from jinfer.runner import COMPILE_UNITS
-
-
-def _decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int) -> float:
-    eng = llm.engine
-    rng = np.random.default_rng(batch)
-    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(f"d{batch}-{i}", rng.integers(100, 40000, prompt_len).tolist(), params)
-    while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
-        eng.step()  # prefill everything first
-    start = eng.stats.num_generated_tokens
-    t0 = time.perf_counter()
-    while eng.has_unfinished_requests():
-        eng.step()
-    elapsed = time.perf_counter() - t0
-    return (eng.stats.num_generated_tokens - start) / elapsed
 
 
 def main() -> None:
@@ -69,7 +52,7 @@ def main() -> None:
     }
     for b in args.batch_sizes:
         results[f"decode_tok_s_b{b}"] = round(
-            _decode_rate(llm, b, args.prompt_len, args.decode_steps), 1
+            decode_rate(llm, b, args.prompt_len, args.decode_steps), 1
         )
     stats = llm.engine.stats
     results["host_fraction"] = round(stats.host_fraction, 4)
