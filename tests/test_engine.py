@@ -58,6 +58,29 @@ def test_no_compiles_after_warmup_while_traffic_varies(make_tiny_llm):
     assert llm.engine.num_compiles == before
 
 
+def test_warmup_runs_each_layer_program_once_and_still_covers_every_step(smollm2_tokenizer):
+    """Layer programs: warm-up stops once every layer kind has run on another layer's output
+    (here layers 0-2 of 4: sliding, sliding, full), and real steps then compile nothing."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from jinfer import LLM
+    from jinfer.params import init_params
+
+    cfg = dataclasses.replace(
+        tiny_config("gemma3"), num_layers=4, layer_types=("sliding", "sliding", "full", "sliding")
+    )
+    llm = LLM.from_params(
+        cfg, init_params(cfg, seed=1, std=0.2), smollm2_tokenizer, max_model_len=256,
+        max_num_seqs=4, max_num_batched_tokens=32, dtype="float32", compile_unit="layer",
+    )  # fmt: skip
+    assert llm.engine.runner._warmup_layers() == 3
+    before = llm.engine.num_compiles
+    llm.generate(_prompts([5, 40, 90]), GREEDY, use_tqdm=False)
+    assert llm.engine.num_compiles == before
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(make_tiny_llm):
     llm = make_tiny_llm()
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
