@@ -18,54 +18,21 @@ from typing import Any
 
 import uvicorn
 
-from jinfer import registry
-from jinfer.llm import DTYPES
-from jinfer.runner import COMPILE_UNITS
+from jinfer.engine_args import add_engine_args, check_engine_args, engine_options
+from jinfer.llm import LLM
 
 log = logging.getLogger("jinfer.serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jinfer.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=registry.DEFAULT_MODEL, help="named model or a path")
+    add_engine_args(p)
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: --model)"
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
-    p.add_argument("--num-pages", type=int, default=None)
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=DTYPES,
-        help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "xla", "pallas"],
-        help="auto: Pallas kernels on GPU/TPU, XLA on CPU",
-    )
-    p.add_argument(
-        "--compile-unit",
-        default="auto",
-        choices=COMPILE_UNITS,
-        help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
-    )
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV of earlier requests' full pages (default on)",
-    )
+    p.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
     p.add_argument(
         "--api-key",
         default=os.environ.get("JINFER_API_KEY"),
@@ -81,32 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "page_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_engine_args(p, args)
     return args
 
 
 def make_loader(args: argparse.Namespace) -> Any:
     def load() -> tuple[Any, Any]:
-        from jinfer.llm import LLM  # imports jax: keep it off the startup path
-
-        llm = LLM(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            page_size=args.page_size,
-            kv_cache_memory_gb=args.kv_cache_memory_gb,
-            num_pages=args.num_pages,
-            kv_cache_dtype=args.kv_cache_dtype,
-            seed=args.seed,
-            enable_prefix_caching=args.enable_prefix_caching,
-            attention_backend=args.attention_backend,
-            compile_unit=args.compile_unit,
-        )
+        llm = LLM(**engine_options(args), seed=args.seed)
         return llm.engine, llm.tokenizer
 
     return load

@@ -51,9 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import jinfer
-from jinfer.llm import DTYPES
-from jinfer.registry import DEFAULT_MODEL
-from jinfer.runner import COMPILE_UNITS
+from jinfer.engine_args import add_engine_args, check_engine_args, engine_options
 
 log = logging.getLogger("generate")
 
@@ -372,17 +370,7 @@ class SetupError(Exception):
 def build_llm(args: argparse.Namespace) -> jinfer.LLM:
     """Loads the model; raises SetupError for a problem with the command line's settings."""
     try:
-        return jinfer.LLM(
-            model=args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_dtype=args.kv_cache_dtype,
-            compile_unit=args.compile_unit,
-            warmup=not args.no_warmup,
-        )
+        return jinfer.LLM(**engine_options(args))
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(str(e)) from e
 
@@ -582,29 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     e = p.add_argument_group("engine")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="a named model or a path")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    e.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens")
-    e.add_argument("--max-num-seqs", type=int, default=32, help="sequences per engine step")
-    e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
-    e.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard over")
-    e.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=DTYPES,
-        help="auto: the model's dtype; bfloat16 halves KV memory next to float32 weights",
-    )
-    e.add_argument(
-        "--compile-unit",
-        default="auto",
-        choices=COMPILE_UNITS,
-        help="one program per step, or per layer kind (fast warm-up); auto: layer on CPU",
-    )
-    e.add_argument(
-        "--no-warmup",
-        action="store_true",
-        help="skip compiling every batch shape up front (each compiles on first use instead)",
-    )
+    add_engine_args(e)
+    p.set_defaults(max_model_len=2048)
     return p
 
 
@@ -617,10 +584,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("nothing to do: give --chat/--prompt TEXT, or --input and --output")
     if bool(args.input) != bool(args.output):
         parser.error("--input and --output go together")
-    positive = ("batch_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens")
-    for name in (*positive, "tensor_parallel_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_engine_args(parser, args)
     if args.seed is not None and not 0 <= args.seed < SEED_RANGE:
         parser.error(f"--seed must be in [0, 2**62), got {args.seed}")
     try:

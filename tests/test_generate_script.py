@@ -199,7 +199,7 @@ def test_output_record_shapes(gen: ModuleType):
 def test_parse_args_modes(gen: ModuleType):
     args = gen.parse_args(["--chat", "one", "--prompt", "two", "--chat", "three"])
     assert args.items == [("chat", "one"), ("prompt", "two"), ("chat", "three")]
-    assert args.model == gen.DEFAULT_MODEL and args.batch_size == 64
+    assert args.model == "smollm2-135m-instruct" and args.batch_size == 64
     assert (args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens) == (2048, 32, 512)
     for bad in (
         [],
