@@ -176,6 +176,16 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
     return _inverse_cdf(weights, u, greedy)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the maximum; of the first NaN if any), as a
+    max and a min: XLA:CPU's fused value-and-index reduction is ~2x slower on [B, V] logits
+    (32 x 49k: 3.3 against 1.6 ms, a greedy step's largest sampler cost). [B] int32."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 @jax.jit
 def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     """logits [B, V] float32 -> one token per row, with logprobs."""
@@ -185,7 +195,7 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     bias_ids = jnp.where(s.bias_ids >= 0, s.bias_ids, v)
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
 
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = argmax(x)
     sampled = jax.lax.cond(
         jnp.any(s.temperature > 0), _sample_rows, lambda x, s, g: g, x, s, greedy
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jinfer.runner import sampling_batch
-from jinfer.sampling import sample
+from jinfer.sampling import argmax, sample
 from jinfer.sampling_params import SamplingParams
 from jinfer.sequence import Sequence
 
@@ -37,6 +37,16 @@ def logits():
 def test_greedy_takes_the_argmax(logits):
     tokens, _ = _sample(logits, [_seq(SamplingParams(temperature=0)) for _ in range(4)])
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_argmax_matches_numpy_on_ties_infinities_and_nan():
+    rows = np.random.default_rng(1).standard_normal((6, 1000)).astype(np.float32)
+    rows[1, [7, 300, 999]] = 50.0  # a tie: the first index wins
+    rows[2] = -np.inf  # nothing finite: index 0
+    rows[3, 500] = np.inf
+    rows[4, [20, 40]] = np.nan  # NaN counts as the maximum, as in numpy
+    rows[5, :] = 0.0
+    np.testing.assert_array_equal(np.asarray(argmax(rows)), rows.argmax(-1))
 
 
 @pytest.mark.parametrize(
