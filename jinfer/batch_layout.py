@@ -40,13 +40,12 @@ def region_a(bucket: int, max_num_seqs: int, query_block: int) -> int:
 
 
 def token_buckets(
-    max_num_batched_tokens: int, max_num_seqs: int, query_block: int, smallest: int = 1
+    max_num_batched_tokens: int, max_num_seqs: int, query_block: int, smallest: int = 8
 ) -> tuple[int, ...]:
-    """Bucket sizes: 1, 2, 4, ... up to max_num_batched_tokens, then the blocked top rungs.
-
-    The small rungs are for decode: on CPU a step's matmuls cost about as much per padding row
-    as per real one (SmolLM2: 30 layers at 1 row ~16 ms, at 8 rows ~34 ms), so one stream in
-    a bucket of 8 ran ~30% slower than in a bucket of 1."""
+    """Bucket sizes: smallest, 2 x smallest, ... up to max_num_batched_tokens, then the blocked
+    top rungs. The runner starts at 1 on CPU, where a step's matmuls cost about as much per
+    padding row as per real one (SmolLM2: 30 layers at 1 row ~16 ms, at 8 rows ~34 ms; one
+    stream decoded ~30% slower in a bucket of 8), and at 8 on accelerators."""
     sizes, t = [], smallest
     while t < max_num_batched_tokens:
         sizes.append(t)

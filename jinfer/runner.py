@@ -1,7 +1,8 @@
 """The jitted step: turns a `StepPlan` into padded device inputs, runs the model, samples.
 
 Shapes are static per bucket. The flat token batch is padded to the smallest size of the token
-ladder (8, 16, 32, ... max_num_batched_tokens, then the blocked top rungs: `batch_layout.py`)
+ladder (1, 2, 4, ... on CPU, 8, 16, ... on accelerators, up to max_num_batched_tokens, then the
+blocked top rungs: `batch_layout.py`)
 that holds the plan's layout: decodes per token in region A, prefill runs in query blocks. The
 rows that produce logits are padded to min(bucket, max_num_seqs). Padding tokens sit at
 position 0 of block-table row 0 and write to the scratch page. So the compiled programs are one
@@ -234,12 +235,18 @@ class ModelRunner:
         if query_block is None:
             query_block = batch_layout.QUERY_BLOCK
         self.query_block = query_block if attention_backend == "xla" else 1
-        self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, self.query_block)
+        platform = next(iter(cache.k[0].devices())).platform
+        # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
+        # bucket of 1; on accelerators a decode step is bound by reading the weights, padding
+        # rows up to 8 are free, and each extra bucket is one more program to compile.
+        smallest = 1 if platform == "cpu" else 8
+        self.buckets = token_buckets(
+            max_num_batched_tokens, max_num_seqs, self.query_block, smallest=smallest
+        )
         self.max_pages_per_seq = -(-max_model_len // self.page_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
         self._history_len = max_model_len
-        platform = next(iter(cache.k[0].devices())).platform
         self.compile_unit = resolve_compile_unit(compile_unit, platform)
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 
