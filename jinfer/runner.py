@@ -2,13 +2,13 @@
 
 Shapes are static per bucket. The flat token batch is padded to the smallest size of the token
 ladder (1, 2, 4, ... on CPU, 8, 16, ... on accelerators, up to max_num_batched_tokens, then the
-blocked top rungs: `batch_layout.py`)
-that holds the plan's layout: decodes per token in region A, prefill runs in query blocks. The
-rows that produce logits are padded to min(bucket, max_num_seqs). Padding tokens sit at
-position 0 of block-table row 0 and write to the scratch page. So the compiled programs are one
-per token bucket (plus the sampler per row bucket), all built by `warmup()`; after that
-`num_compiles` must stay still. With `compile_unit="layer"` (the CPU default) "one per bucket"
-is one per bucket and layer kind, plus the bucket's embed and head programs.
+blocked top rungs: `batch_layout.py`) that holds the plan's layout: decodes per token in region
+A, prefill runs in query blocks. The rows that produce logits are padded to min(bucket,
+max_num_seqs). Padding tokens sit at position 0 of block-table row 0 and write to the scratch
+page. So the compiled programs are one per token bucket (plus the sampler per row bucket), all
+built by `warmup()`; after that `num_compiles` must stay still. With `compile_unit="layer"` (the
+CPU default) "one per bucket" is one per bucket and layer kind, plus the bucket's embed and head
+programs.
 
 The cache is donated to every step: the page pool is updated in place, never copied.
 """
