@@ -36,3 +36,35 @@ def enable_persistent_cache() -> str | None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log.info("XLA compilation cache: %s", path)
     return path
+
+
+_MAPS = Path("/proc/self/maps")
+_MAX_MAPS = Path("/proc/sys/vm/max_map_count")
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory maps this process holds, the kernel's limit), or None where /proc has neither."""
+    try:
+        return _MAPS.read_bytes().count(b"\n"), int(_MAX_MAPS.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def bound_compiled_programs(headroom: int = 20_000) -> bool:
+    """Drops JAX's in-memory compilation caches when fewer than `headroom` memory maps are left.
+
+    XLA:CPU maps each compiled program's code in ~50 regions, and JAX keeps every program it has
+    compiled (jinfer's step functions are module-level jits, shared by engines of one shape). A
+    process that builds many engines -- a sweep over configurations, a test suite -- reaches the
+    kernel's limit (vm.max_map_count, 65530 by default) and the next compile aborts the process.
+    Programs still in use afterwards compile again on their next call (or load from the
+    persistent cache). Returns whether it dropped them."""
+    maps = memory_maps()
+    if maps is None or maps[1] - maps[0] >= headroom:
+        return False
+    log.warning(
+        "%d of %d memory maps in use: dropping JAX's compiled programs to stay under the limit",
+        *maps,
+    )
+    jax.clear_caches()
+    return True

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import registry
-from jinfer.compile_cache import enable_persistent_cache
+from jinfer.compile_cache import bound_compiled_programs, enable_persistent_cache
 from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache, storage_dtype
@@ -144,6 +144,7 @@ class LLM:
         warmup: bool = True,
     ) -> None:
         enable_persistent_cache()
+        bound_compiled_programs()  # before this engine compiles its own
         self.tokenizer = tokenizer
         self.model_config = cfg
         max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)

@@ -14,20 +14,15 @@ if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# XLA:CPU maps each compiled program's code in ~50 memory regions, and the kernel allows a
-# process 65530 of them (vm.max_map_count). A tiny engine compiles ~60 programs (~3000 maps),
-# this suite builds dozens of engines, and the module-level jit caches keep every program alive:
-# past the limit the next compile aborts the process. So the caches are dropped between tests
-# once the count nears it (programs still in use recompile on their next call).
-MAP_BUDGET = 30_000
-_MAPS = Path("/proc/self/maps")
-
-
 @pytest.fixture(autouse=True)
 def _bounded_compiled_programs():
+    """This suite builds dozens of engines; past the kernel's memory-map limit the next compile
+    would abort the process (`compile_cache.bound_compiled_programs`). `LLM` checks before it
+    compiles; this also checks between tests (kernel tests compile without an `LLM`)."""
     yield
-    if _MAPS.exists() and _MAPS.read_bytes().count(b"\n") > MAP_BUDGET:
-        jax.clear_caches()
+    from jinfer.compile_cache import bound_compiled_programs
+
+    bound_compiled_programs(headroom=35_000)
 
 
 @pytest.fixture(scope="session")

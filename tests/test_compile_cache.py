@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jinfer import compile_cache
+
 TESTS = Path(__file__).parent
 
 BUILD_TINY = f"""
@@ -38,3 +44,18 @@ def test_an_empty_setting_turns_the_cache_off():
         "assert e() is None and not jax.config.jax_compilation_cache_dir"
     )
     _run(code, "")
+
+
+def test_compiled_programs_are_dropped_only_near_the_memory_map_limit():
+    maps = compile_cache.memory_maps()
+    if maps is None:
+        pytest.skip("no /proc/self/maps here")
+    used, limit = maps
+    assert 0 < used < limit
+    f = jax.jit(lambda x: x + 1)
+    f(jnp.ones(3))
+    assert f._cache_size() == 1
+    assert not compile_cache.bound_compiled_programs(headroom=1)  # plenty left: kept
+    assert f._cache_size() == 1
+    assert compile_cache.bound_compiled_programs(headroom=limit)  # fewer than `limit` left
+    assert f._cache_size() == 0
