@@ -95,7 +95,11 @@ def attention_block(
         window=kind.window,
         softcap=cfg.attn_logit_softcap,
     )  # [T, N, H]
-    return jnp.einsum("tnh,nhd->td", out, p.wo), k_pages, v_pages
+    # As one [T, N*H] x [N*H, D] product: with the einsum over (n, h) XLA:CPU laid the
+    # attention output out h-major and so transposed the whole weight on every step
+    # (SmolLM2: 1.3 MB per layer, ~0.15 ms of a 1.3 ms one-token layer).
+    t, n, h = out.shape
+    return out.reshape(t, n * h) @ p.wo.reshape(n * h, -1), k_pages, v_pages
 
 
 def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
