@@ -28,7 +28,7 @@ import numpy as np
 from jinfer import batch_layout, model, packing
 from jinfer.attention import AttentionMetadata
 from jinfer.batch_layout import Placement, place, region_a, token_buckets
-from jinfer.config import ModelConfig
+from jinfer.config import LayerKind, ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
 from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
@@ -401,11 +401,10 @@ class ModelRunner:
         would only repeat the same programs on padding (~4 s of a 10 s restart, SmolLM2)."""
         if self.compile_unit == "step":
             return None
-        first_after: dict = {}
+        first_after: dict[LayerKind, int] = {}  # each kind's first layer after layer 0
         for i, kind in enumerate(self._layer_kinds[1:], start=1):
             first_after.setdefault(kind, i)
-        first_after.setdefault(self._layer_kinds[0], 0)
-        return max(first_after.values()) + 1
+        return max(first_after.values(), default=0) + 1
 
     def _sample(self, logits: jax.Array, sbatch: SamplingBatch) -> jax.Array:
         layout, ibuf, fbuf = packing.pack(sbatch)
@@ -414,6 +413,7 @@ class ModelRunner:
     def warmup(self) -> float:
         """Compiles every bucket with padding-only batches (they write to the scratch page)."""
         t0 = time.perf_counter()
+        num_layers = self._warmup_layers()
         for bucket in self.buckets:
             rows = self._rows(bucket)
             zeros = np.zeros(bucket, np.int32)
@@ -423,7 +423,7 @@ class ModelRunner:
                 zeros, zeros, zeros, np.zeros_like(self.block_tables), no_blocks, no_blocks
             )
             logits_idx = np.zeros(rows, np.int32)
-            logits = self._forward(zeros, meta, logits_idx, num_layers=self._warmup_layers())
+            logits = self._forward(zeros, meta, logits_idx, num_layers=num_layers)
             for sbatch in self._warmup_sampling_batches(rows):
                 jax.block_until_ready(self._sample(logits, sbatch))
         elapsed = time.perf_counter() - t0

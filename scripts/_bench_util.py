@@ -1,4 +1,4 @@
-"""Measurements every benchmark script shares: the machine's ceilings and one cold prefill.
+"""Measurements the benchmark scripts share: the machine's ceilings, one cold prefill, decode.
 
 Scripts run as `python scripts/NAME.py`, so `scripts/` is on the path and they import this as
 `_bench_util`.
@@ -79,10 +79,9 @@ def decode_rate(llm: Any, batch: int, prompt_len: int, steps: int) -> float:
     from jinfer import SamplingParams
 
     eng = llm.engine
-    rng = np.random.default_rng(batch)
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
-        eng.add_request(f"d{batch}-{i}", rng.integers(100, 40000, prompt_len).tolist(), params)
+        eng.add_request(f"d{batch}-{i}", random_ids(prompt_len, seed=batch * 1000 + i), params)
     while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
         eng.step()  # prefill everything first
     start = eng.stats.num_generated_tokens

@@ -78,11 +78,10 @@ def make_workload(kind: str, num_prompts: int, vocab: int, seed: int = 0) -> Wor
 
 
 # ------------------------------------------------------------------------------ ceilings
-def measure_ceilings(dtype, gemm_n: int, copy_bytes: int) -> dict:
+def measure_ceilings(dtype, gemm_n: int, nbytes: int) -> dict:
     """GEMM FLOP/s in `dtype` (an n x n x n product), read bytes/s (a sum) and copy bytes/s
-    (read + write) over `copy_bytes`."""
-    gemm, copy = gemm_rate(gemm_n, dtype), copy_bandwidth(copy_bytes)
-    read = read_bandwidth(copy_bytes)
+    (read + write) over `nbytes`."""
+    gemm, read, copy = gemm_rate(gemm_n, dtype), read_bandwidth(nbytes), copy_bandwidth(nbytes)
     return {
         "gemm_gflop_s": round(gemm / 1e9, 1),
         "read_gb_s": round(read / 1e9, 1),
