@@ -215,7 +215,13 @@ def _token_loop(
         page_ids = jnp.take(token_tables, cols, axis=1)  # [T, pages_per_block]
         kb = kv_cache.read_pages(k_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
         vb = kv_cache.read_pages(v_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
-        s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)  # [T, K, G, C]
+        # Keys as the left operand, then the small [C, G] result transposed: written as
+        # "tkgh,tckh->tkgc", XLA:CPU feeds the block to its dot as [T, K, H, C] and so
+        # transposes it element by element (h becomes the major axis) in every key step; this
+        # way it moves whole H-rows, [T, C, K, H] -> [T, K, C, H]. (CPU, SmolLM2 shapes:
+        # 32 decodes at a 300-token context 3.2 -> 2.7 ms per layer; Gemma 3's 256-wide heads
+        # 4.3 -> 2.7 ms.)
+        s = jnp.einsum("tckh,tkgh->tkcg", kb, qg).transpose(0, 1, 3, 2)  # [T, K, G, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         key_pos = b * block + jnp.arange(block)  # [C]

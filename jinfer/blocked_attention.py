@@ -66,7 +66,11 @@ def blocked_paged_attention(
         page_ids = jnp.take(tables, cols, axis=1)  # [NB, pages_per_block]
         kb = kv_cache.read_pages(k_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
         vb = kv_cache.read_pages(v_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
-        s = jnp.einsum("bqkgh,bckh->bkgqc", qb, kb)  # [NB, K, G, Bq, C]
+        # Keys as the left operand (see attention._token_loop): XLA:CPU then moves whole
+        # H-rows of the block instead of transposing it element by element (CPU, 8 prompts of
+        # 64 tokens in one chunk: 5.0 -> 4.4 ms per layer). Not so in the one-request loop
+        # below, whose [T, C] scores outweigh its key block.
+        s = jnp.einsum("bckh,bqkgh->bkcgq", kb, qb).transpose(0, 1, 3, 4, 2)  # [NB, K, G, Bq, C]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         key_pos = j * block + jnp.arange(block)  # [C]
