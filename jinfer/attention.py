@@ -138,6 +138,10 @@ def xla_paged_attention(
 
 
 TOKEN_GROUPS = 4  # the per-token path's key loops: one per group of tokens (see below)
+# Independent chains those loops run in: XLA:CPU may run two independent loops side by side,
+# but one lax.map's iterations only one after the other (CPU, 64 decodes at a 900-token
+# context: 28.4 -> 26.6 ms per layer with 2 chains of 2 groups instead of 1 chain of 4).
+TOKEN_STREAMS = 2
 
 
 def _per_token_attention(
@@ -175,15 +179,24 @@ def _per_token_attention(
     # Padding tokens write to the scratch page and need no keys: a group of padding only runs
     # no key steps at all.
     real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
-    # lax.map: one compiled loop body run once per group, each with its own trip count.
-    out = jax.lax.map(
-        lambda xs: _token_loop(
-            *xs, k_pages, v_pages, pages_per_block=pages_per_block, window=window,
-            softcap=softcap,
-        ),
-        (split(qg), split(token_tables), split(meta.positions), split(real)),
-    )  # [groups, T / groups, K, G, H]  # fmt: skip
-    return out.reshape(t, n, h).astype(q.dtype)
+
+    def loop(xs: tuple[jax.Array, ...]) -> jax.Array:
+        qg, token_tables, positions, real = xs
+        return _token_loop(
+            qg, token_tables, positions, real, k_pages, v_pages,
+            pages_per_block=pages_per_block, window=window, softcap=softcap,
+        )  # fmt: skip
+
+    # lax.map: one compiled loop body run once per group, each with its own trip count; the
+    # groups in TOKEN_STREAMS independent maps.
+    xs = (split(qg), split(token_tables), split(meta.positions), split(real))  # [groups, ...]
+    streams = TOKEN_STREAMS if groups % TOKEN_STREAMS == 0 else 1
+    per = groups // streams
+    outs = [
+        jax.lax.map(loop, jax.tree.map(lambda x, i=i: x[i * per : (i + 1) * per], xs))
+        for i in range(streams)
+    ]  # each [groups / streams, T / groups, K, G, H]
+    return jnp.concatenate(outs).reshape(t, n, h).astype(q.dtype)
 
 
 def _token_loop(
