@@ -95,6 +95,47 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("num_decodes", [1, 2, 64])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decodes_over_several_key_blocks_match_dense_reference(num_decodes, window):
+    """Decodes only, at contexts of several key blocks: one or two tokens step through blocks
+    of 2 x token_kv_block, 64 tokens through 4 groups in 2 independent loops."""
+    rng = np.random.default_rng(num_decodes + (window or 0))
+    kv_heads, gqa, head_dim, block = 2, 3, 8, 8  # token_kv_block 8: one or two tokens take 16
+    lengths = rng.integers(1, 6 * block, num_decodes)
+    lengths[0] = 4 * block + 1  # just past a block edge at either block size
+    max_pages = -(-int(lengths.max()) // PAGE)
+    num_pages = num_decodes * max_pages + 1
+    k_pages = rng.standard_normal((num_pages, PAGE, kv_heads, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, PAGE, kv_heads, head_dim)).astype(np.float32)
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    tables = np.zeros((num_decodes, max_pages), np.int32)
+    k_seq, v_seq = [], []
+    for r, n in enumerate(lengths):
+        pages = [free.pop() for _ in range(-(-int(n) // PAGE))]
+        tables[r, : len(pages)] = pages
+        k_seq.append(k_pages[pages].reshape(-1, kv_heads, head_dim)[:n])
+        v_seq.append(v_pages[pages].reshape(-1, kv_heads, head_dim)[:n])
+    for p in free:  # unowned pages hold NaN
+        k_pages[p] = v_pages[p] = np.nan
+    positions = lengths - 1
+    seq_ids = np.arange(num_decodes)
+    meta = AttentionMetadata(
+        positions=jnp.asarray(positions, jnp.int32),
+        seq_ids=jnp.asarray(seq_ids, jnp.int32),
+        slot_mapping=_slots(tables, seq_ids, positions),
+        block_tables=jnp.asarray(tables),
+        token_kv_block=block,
+    )
+    q = rng.standard_normal((num_decodes, kv_heads * gqa, head_dim)).astype(np.float32)
+    got = xla_paged_attention(
+        jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), meta, window=window
+    )
+    want = _dense_reference(q, k_seq, v_seq, positions, window, None)
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
+
+
 # The long prefix adds a window spanning more than one 256-key block (600), where some blocks
 # are whole for every query and the ones at the window's edge are not.
 MIX_WINDOWS = [(m, w) for m in ("many", "one-prefill") for w in (None, 5, 21)]
