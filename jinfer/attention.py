@@ -46,7 +46,8 @@ class AttentionMetadata:
     kv_block: int = dataclasses.field(default=128, metadata=dict(static=True))  # query blocks
     # The per-token path's key block: a decode pays for up to one block of padding keys, and
     # its tiny per-token matmuls gain nothing from long blocks (CPU, 32 decodes at a 140-token
-    # context: 5.1 ms per layer at 128, 2.7 ms at 64).
+    # context: 5.1 ms per layer at 128, 2.7 ms at 64). Doubled for one or two tokens, whose key
+    # steps cost mostly their fixed overhead (`_per_token_attention`).
     token_kv_block: int = dataclasses.field(default=64, metadata=dict(static=True))
     # Query blocks of the prefill region (the batch's last NB * Bq tokens); None: no blocks.
     block_rows: jax.Array | None = None  # [NB] int32: block-table row of each block (padding -> 0)
@@ -177,12 +178,12 @@ def _per_token_attention(
         tables = jnp.pad(tables, ((0, 0), (0, pad)))
     token_tables = tables[meta.seq_ids]  # [T, Pmax']
     qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
-    per_group = TOKENS_PER_GROUP
-    groups = t // per_group if t % per_group == 0 and t >= 2 * per_group else 1
-    size = t // groups
+    groups = t // TOKENS_PER_GROUP if t % TOKENS_PER_GROUP == 0 and t > TOKENS_PER_GROUP else 1
+    streams = TOKEN_STREAMS if groups % TOKEN_STREAMS == 0 else 1
 
     def split(x: jax.Array) -> jax.Array:
-        return x.reshape(groups, size, *x.shape[1:])
+        """[T, ...] -> [streams, groups / streams, T / groups, ...]"""
+        return x.reshape(streams, groups // streams, t // groups, *x.shape[1:])
 
     # Padding tokens write to the scratch page and need no keys: a group of padding only runs
     # no key steps at all.
@@ -197,12 +198,9 @@ def _per_token_attention(
 
     # lax.map: one compiled loop body run once per group, each with its own trip count; the
     # groups in TOKEN_STREAMS independent maps.
-    xs = (split(qg), split(token_tables), split(meta.positions), split(real))  # [groups, ...]
-    streams = TOKEN_STREAMS if groups % TOKEN_STREAMS == 0 else 1
-    per = groups // streams
+    xs = tuple(split(x) for x in (qg, token_tables, meta.positions, real))
     outs = [
-        jax.lax.map(loop, jax.tree.map(lambda x, i=i: x[i * per : (i + 1) * per], xs))
-        for i in range(streams)
+        jax.lax.map(loop, tuple(x[i] for x in xs)) for i in range(streams)
     ]  # each [groups / streams, T / groups, K, G, H]
     return jnp.concatenate(outs).reshape(t, n, h).astype(q.dtype)
 

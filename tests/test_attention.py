@@ -99,7 +99,7 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
 @pytest.mark.parametrize("window", [None, 40])
 def test_decodes_over_several_key_blocks_match_dense_reference(num_decodes, window):
     """Decodes only, at contexts of several key blocks: one or two tokens step through blocks
-    of 2 x token_kv_block, 64 tokens through 4 groups in 2 independent loops."""
+    of 2 x token_kv_block, 64 tokens through 8 groups in 2 independent loops."""
     rng = np.random.default_rng(num_decodes + (window or 0))
     kv_heads, gqa, head_dim, block = 2, 3, 8, 8  # token_kv_block 8: one or two tokens take 16
     lengths = rng.integers(1, 6 * block, num_decodes)
