@@ -47,9 +47,10 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def gemm_rate(n: int, dtype: Any = jnp.float32) -> float:
-    """FLOP/s of one n x n x n matrix product in `dtype`."""
+    """FLOP/s of one n x n x n matrix product of `dtype` inputs, accumulated in float32 as the
+    model's weight products are (`model.dense`)."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     return 2 * n**3 / timed(lambda: f(a, a), reps=3, rounds=5)
 
 
