@@ -105,7 +105,7 @@ def blocked_paged_attention(
     out = jax.lax.cond(
         one_request,
         lambda _: _one_request_attention(
-            q.reshape(tq, k, g, h).astype(jnp.float32),
+            q.reshape(tq, k, g, h),
             k_pages,
             v_pages,
             positions,
@@ -127,7 +127,7 @@ DENSE_KV_BLOCK = 256  # keys per step of the one-request loop (a whole number of
 
 
 def _one_request_attention(
-    q: jax.Array,  # [T, K, G, H] float32
+    q: jax.Array,  # [T, K, G, H]
     k_pages: jax.Array,  # [P, Z, K, H]
     v_pages: jax.Array,
     positions: jax.Array,  # [T]
@@ -153,11 +153,23 @@ def _one_request_attention(
     # One [G * T, H] x [H, C] product per kv head: XLA:CPU runs a batched (over heads) einsum of
     # the same shapes ~30% slower.
     qk = q.transpose(1, 2, 0, 3).reshape(k, g * t, h)  # [K, G*T, H]
+    # A bfloat16 model over a bfloat16 pool multiplies in bfloat16 (accumulating in float32),
+    # as flash attention does on accelerators: XLA:CPU's bf16 products run ~3x faster.
+    low = q.dtype == jnp.bfloat16 and k_pages.dtype in (jnp.bfloat16, kv_cache.BF16_BITS)
+    cdt = jnp.bfloat16 if low else jnp.float32
+    qk = qk.astype(cdt)
+
+    def read(pages: jax.Array, page_ids: jax.Array) -> jax.Array:  # [C, K, H] in cdt
+        if low:
+            return kv_cache.read_pages_bf16(pages, page_ids).reshape(block, k, h)
+        return kv_cache.read_pages(pages, page_ids).reshape(block, k, h)
+
+    def product(a: jax.Array, b: jax.Array) -> jax.Array:  # [M, X] x [X, N] -> float32
+        return jnp.dot(a.astype(cdt), b, preferred_element_type=jnp.float32)
 
     def step(j, carry, masked: bool):
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
-        kb = kv_cache.read_pages(k_pages, page_ids).reshape(block, k, h)  # [C, K, H]
-        vb = kv_cache.read_pages(v_pages, page_ids).reshape(block, k, h)
+        kb, vb = read(k_pages, page_ids), read(v_pages, page_ids)  # [C, K, H]
         visible = None
         if masked:
             key_pos = j * block + jnp.arange(block)  # [C]
@@ -165,15 +177,15 @@ def _one_request_attention(
             if window is not None:
                 visible &= key_pos[None, :] > positions[:, None] - window
             seen = jnp.any(visible, axis=0)  # [C]: keys nobody sees may be stale or NaN
-            vb = jnp.where(seen[:, None, None], vb, 0.0)
+            vb = jnp.where(seen[:, None, None], vb, jnp.zeros((), vb.dtype))
             visible = jnp.tile(visible, (g, 1))  # [G*T, C]
         new = []
         for i, (m, denom, acc) in enumerate(carry):  # [G*T], [G*T], [G*T, H]
-            s = qk[i] @ kb[:, i].T  # [G*T, C]
+            s = product(qk[i], kb[:, i].T)  # [G*T, C]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
             m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible)
-            new.append((m_new, l_new, acc * corr[:, None] + p @ vb[:, i]))
+            new.append((m_new, l_new, acc * corr[:, None] + product(p, vb[:, i])))
         return tuple(new)
 
     # Blocks [whole_lo, whole_hi) are visible in full to every valid query.

@@ -88,6 +88,14 @@ def read_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
     return pages[page_ids].astype(jnp.float32)
 
 
+def read_pages_bf16(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """pages[page_ids] ([..., Z, K, H]) of a bfloat16 pool (or its `BF16_BITS`) in bfloat16."""
+    out = pages[page_ids]
+    if out.dtype == BF16_BITS:
+        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+    return out.astype(jnp.bfloat16)
+
+
 def write(
     pages: jax.Array,  # [P, Z, K, H]
     new: jax.Array,  # [T, K, H]

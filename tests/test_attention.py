@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
 from jinfer.batch_layout import align, place, region_a
+from jinfer.kv_cache import BF16_BITS, write
 
 PAGE = 4
 
@@ -142,15 +144,25 @@ MIX_WINDOWS = [(m, w) for m in ("many", "one-prefill") for w in (None, 5, 21)]
 MIX_WINDOWS += [("one-prefill-long", w) for w in (None, 21, 600)]
 
 
-@pytest.mark.parametrize("mix, window", MIX_WINDOWS)
-@pytest.mark.parametrize("query_block", [4, 16])
-@pytest.mark.parametrize("gqa", [1, 4])
-@pytest.mark.parametrize("softcap", [None, 20.0])
-def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, softcap, mix):
+# bfloat16 (products in bf16 on the one-request path): those mixes, one block size and GQA.
+PREFILL_CASES = [
+    (mix, window, query_block, gqa, softcap, dtype)
+    for mix, window in MIX_WINDOWS
+    for query_block in (4, 16)
+    for gqa in (1, 4)
+    for softcap in (None, 20.0)
+    for dtype in ("float32", "bfloat16")
+    if dtype == "float32" or (mix != "many" and query_block == 16 and gqa == 4)
+]
+
+
+@pytest.mark.parametrize("mix, window, query_block, gqa, softcap, dtype", PREFILL_CASES)
+def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, softcap, mix, dtype):
     """Decodes per token in region A, prefill runs in query blocks sharing one KV gather: runs of
     1, Bq-1, Bq, Bq+1 and several blocks, after cached prefixes that end mid-page and mid-block.
     `one-prefill`: the blocks all hold one request's chunk (the one-gather path); `-long` after
-    a 700-token prefix, so most key blocks are seen whole and skip the masks."""
+    a 700-token prefix, so most key blocks are seen whole and skip the masks. `bfloat16`: a bf16
+    query over a pool of bf16 bits, which the one-request path multiplies in bf16."""
     rng = np.random.default_rng(query_block * 1000 + gqa * 100 + (window or 0))
     bq = query_block
     kv_heads, head_dim, num_pages, max_pages = 2, 8, 260, 200
@@ -194,6 +206,15 @@ def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, so
         k_pages[p] = np.nan
         v_pages[p] = np.nan
     q = rng.standard_normal((bucket, n, head_dim)).astype(np.float32)
+    tol = 2e-5
+    q_in, k_in, v_in = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
+    if dtype == "bfloat16":  # the reference gets the same bf16-rounded inputs
+        tol = 3e-2
+        q_in, k_in, v_in = (x.astype(jnp.bfloat16) for x in (q_in, k_in, v_in))
+        q = np.asarray(q_in, np.float32)
+        k_seq = [np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32) for x in k_seq]
+        v_seq = [np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32) for x in v_seq]
+        k_in, v_in = (jax.lax.bitcast_convert_type(x, BF16_BITS) for x in (k_in, v_in))
     meta = AttentionMetadata(
         positions=jnp.asarray(positions),
         seq_ids=jnp.asarray(seq_ids),
@@ -204,25 +225,15 @@ def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, so
         block_lens=jnp.asarray(placement.block_lens),
         query_block=bq,
     )
-    got = xla_paged_attention(
-        jnp.asarray(q),
-        jnp.asarray(k_pages),
-        jnp.asarray(v_pages),
-        meta,
-        window=window,
-        softcap=softcap,
-    )
+    got = xla_paged_attention(q_in, k_in, v_in, meta, window=window, softcap=softcap)
+    got = np.asarray(got, np.float32)
     want = _dense_reference(q[real], k_seq, v_seq, positions[real], window, softcap)
-    assert np.all(np.isfinite(np.asarray(got)))
-    np.testing.assert_allclose(np.asarray(got)[real], want, atol=2e-5, rtol=2e-5)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[real], want, atol=tol, rtol=tol)
 
 
 def test_a_pool_of_bfloat16_bits_reads_exactly_as_its_float32_values():
     """kv_cache.BF16_BITS: a bfloat16 pool kept as uint16 patterns, widened per gathered block."""
-    import jax
-
-    from jinfer.kv_cache import BF16_BITS, write
-
     rng = np.random.default_rng(3)
     pages = jnp.asarray(rng.standard_normal((6, PAGE, 2, 8)).astype(np.float32))
     as_bf16 = pages.astype(jnp.bfloat16)
