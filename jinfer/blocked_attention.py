@@ -159,17 +159,13 @@ def _one_request_attention(
     cdt = jnp.bfloat16 if low else jnp.float32
     qk = qk.astype(cdt)
 
-    def read(pages: jax.Array, page_ids: jax.Array) -> jax.Array:  # [C, K, H] in cdt
-        if low:
-            return kv_cache.read_pages_bf16(pages, page_ids).reshape(block, k, h)
-        return kv_cache.read_pages(pages, page_ids).reshape(block, k, h)
-
     def product(a: jax.Array, b: jax.Array) -> jax.Array:  # [M, X] x [X, N] -> float32
         return jnp.dot(a.astype(cdt), b, preferred_element_type=jnp.float32)
 
     def step(j, carry, masked: bool):
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
-        kb, vb = read(k_pages, page_ids), read(v_pages, page_ids)  # [C, K, H]
+        kb = kv_cache.read_pages(k_pages, page_ids, cdt).reshape(block, k, h)  # [C, K, H]
+        vb = kv_cache.read_pages(v_pages, page_ids, cdt).reshape(block, k, h)
         visible = None
         if masked:
             key_pos = j * block + jnp.arange(block)  # [C]

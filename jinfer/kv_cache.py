@@ -79,21 +79,16 @@ def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any = jnp.float32) -
     return 2 * cfg.num_layers * per_layer
 
 
-def read_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
-    """pages[page_ids] ([..., Z, K, H]) in float32. A pool of bfloat16 bits (`BF16_BITS`) is
-    gathered as 16-bit integers and widened by a shift, exactly."""
-    if pages.dtype == BF16_BITS:
-        bits = pages[page_ids].astype(jnp.uint32) << 16
-        return jax.lax.bitcast_convert_type(bits, jnp.float32)
-    return pages[page_ids].astype(jnp.float32)
-
-
-def read_pages_bf16(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
-    """pages[page_ids] ([..., Z, K, H]) of a bfloat16 pool (or its `BF16_BITS`) in bfloat16."""
+def read_pages(pages: jax.Array, page_ids: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """pages[page_ids] ([..., Z, K, H]) in `dtype` (float32, or bfloat16 from a bf16 pool). A
+    pool of bfloat16 bits (`BF16_BITS`) is gathered as 16-bit integers and widened by a shift,
+    exactly, or reinterpreted as bfloat16."""
     out = pages[page_ids]
     if out.dtype == BF16_BITS:
-        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
-    return out.astype(jnp.bfloat16)
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+        out = jax.lax.bitcast_convert_type(out.astype(jnp.uint32) << 16, jnp.float32)
+    return out.astype(dtype)
 
 
 def write(
