@@ -77,10 +77,8 @@ def dense(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.A
     AMX). [32, 576] x [576, 1536]: 35 against 330 GFLOP/s (float32 inputs: ~110). For float32
     inputs this is the plain product."""
     rows = x.shape[0]
-    pad = 0
     if x.dtype == jnp.bfloat16 and rows < BF16_MIN_ROWS_CPU and jax.default_backend() == "cpu":
-        pad = BF16_MIN_ROWS_CPU - rows
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        x = jnp.pad(x, [(0, BF16_MIN_ROWS_CPU - rows)] + [(0, 0)] * (x.ndim - 1))
     out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
     return out[:rows].astype(out_dtype or x.dtype)
 
