@@ -27,37 +27,41 @@ def _reference(model: str) -> dict:
     return json.loads((FIXTURES / f"hf_reference_{model}.json").read_text())
 
 
+# 64-token steps: the long prompts are prefilled in chunks, as in serving.
+LLM_OPTIONS = dict(
+    max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=64, num_pages=8 * 64 + 1
+)
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def model_and_llm(request):
-    # 64-token steps: the long prompts are prefilled in chunks, as in serving.
-    llm = LLM(
-        request.param,
-        max_model_len=1024,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        num_pages=8 * 64 + 1,
-    )
-    return request.param, llm
+    return request.param, LLM(request.param, **LLM_OPTIONS)
+
+
+def _generate_reference_prompts(llm: LLM, cases: list[dict]) -> list:
+    """Greedy, STEPS tokens, top-5 logprobs, for each reference prompt."""
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
+    prompts = [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _assert_follows_greedy(model: str, case: dict, got: list[int], tie: float) -> None:
+    """Our greedy tokens equal HF's until a step whose top-2 gap HF puts under `tie`."""
+    for i, (g, w) in enumerate(zip(got, case["greedy_token_ids"], strict=True)):
+        if g != w:
+            gap = case["top5"][i][0][1] - case["top5"][i][1][1]
+            assert gap < tie, f"{model}/{case['id']}: token {i} is {g}, HF says {w}"
+            break
 
 
 def test_greedy_tokens_and_logprobs_match_hugging_face(model_and_llm):
     model, llm = model_and_llm
-    ref = _reference(model)
-    cases = ref["prompts"]
+    cases = _reference(model)["prompts"]
     assert max(len(c["prompt_token_ids"]) for c in cases) > 512  # past Gemma's window
-    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
-    outs = llm.generate(
-        [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases], params, use_tqdm=False
-    )
+    outs = _generate_reference_prompts(llm, cases)
     for case, out in zip(cases, outs, strict=True):
-        got = out.outputs[0].token_ids
-        want = case["greedy_token_ids"]
         # A divergence is only acceptable right after a step HF itself calls a near-tie.
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            if g != w:
-                gap = case["top5"][i][0][1] - case["top5"][i][1][1]
-                assert gap < 1e-3, f"{model}/{case['id']}: token {i} is {g}, HF says {w}"
-                break
+        _assert_follows_greedy(model, case, out.outputs[0].token_ids, 1e-3)
         # Step-0 top-5 logprobs (both sides computed from the same prompt).
         first = out.outputs[0].logprobs[0]
         ranked = sorted((lp for lp in first.values() if lp.rank), key=lambda lp: lp.rank)
@@ -99,27 +103,12 @@ BF16_LOGPROB_TOL = 0.1
 @pytest.mark.parametrize("model", MODELS)
 def test_bfloat16_weights_follow_hugging_face_to_bfloat16_rounding(model):
     """dtype="bfloat16" on CPU, whose weight products accumulate in float32 (`model.dense`)."""
-    llm = LLM(
-        model,
-        dtype="bfloat16",
-        max_model_len=1024,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        num_pages=8 * 64 + 1,
-    )
+    llm = LLM(model, dtype="bfloat16", **LLM_OPTIONS)
     assert llm.engine.runner.params.embed.dtype == jnp.bfloat16
     cases = _reference(model)["prompts"]
-    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
-    outs = llm.generate(
-        [{"prompt_token_ids": c["prompt_token_ids"]} for c in cases], params, use_tqdm=False
-    )
+    outs = _generate_reference_prompts(llm, cases)
     for case, out in zip(cases, outs, strict=True):
-        got, want = out.outputs[0].token_ids, case["greedy_token_ids"]
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            if g != w:
-                gap = case["top5"][i][0][1] - case["top5"][i][1][1]
-                assert gap < BF16_TIE, f"{model}/{case['id']}: token {i} is {g}, HF says {w}"
-                break
+        _assert_follows_greedy(model, case, out.outputs[0].token_ids, BF16_TIE)
         top1, lp = case["top5"][0][0]
         first = out.outputs[0].logprobs[0]
         assert first[top1].rank == 1, (model, case["id"])
