@@ -208,6 +208,10 @@ BAD_COMPLETIONS = [
     (b'{"prompt": "x", "logit_bias": {"999999": 1}}', 400, "logit_bias"),
     (b'{"prompt": "x", "logprobs": 21}', 422, "logprobs"),
     (b'{"prompt": "x", "suffix": "y"}', 400, "suffix"),
+    (b'{"prompt": "x", "response_format": {"type": "json_object"}}', 400, "response_format is not"),
+    (b'{"prompt": "x", "guided_json": {"type": "object"}}', 400, "guided_json is not supported"),
+    (b'{"prompt": "x", "use_beam_search": true}', 400, "beam search"),
+    (b'{"prompt": "x", "prompt_logprobs": 1}', 400, "prompt_logprobs is not supported"),
 ]
 
 
@@ -233,6 +237,19 @@ def test_bad_completion_request_gets_openai_error_and_server_goes_on(
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, "max"),
         (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            400,
+            "tools is not supported: jinfer does not implement tool calling",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a"}},
+            },
+            400,
+            "response_format is not supported",
+        ),
+        (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             400,
             "text content",
@@ -245,6 +262,21 @@ def test_bad_chat_request(server, client, body, status, message):
     assert message in r.json()["error"]["message"]
     messages = [{"role": "user", "content": "ok"}]
     assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).choices
+
+
+def test_fields_that_ask_for_nothing_and_unknown_fields_are_accepted(client, tok):
+    messages = [{"role": "user", "content": "Say something nice"}]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=3,
+        response_format={"type": "text"},
+        tool_choice="none",
+        extra_body={"tools": [], "some_future_field": {"x": 1}, "use_beam_search": False},
+    )
+    assert r.choices[0].message.content == tok.decode(
+        echo_tokens(chat_prompt_ids(tok, messages), 3)
+    )
 
 
 def test_unknown_route_and_method_are_openai_errors(server):

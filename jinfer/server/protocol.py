@@ -2,8 +2,10 @@
 
 Request models check types and ranges (pydantic); what depends on the model (vocabulary,
 context length) is checked by the handlers. Unknown fields are ignored, as OpenAI's own server
-and vLLM's do, so newer clients keep working. Response builders return plain dicts in exactly
-the shape the `openai` package parses.
+and vLLM's do, so newer clients keep working -- except the known ones that would change the
+output and that jinfer does not implement (`UNSUPPORTED`): those get a 400 naming the field,
+never an answer that silently ignores what was asked. Response builders return plain dicts in
+exactly the shape the `openai` package parses.
 """
 
 from __future__ import annotations
@@ -26,10 +28,60 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _absent(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+def _text_format(value: Any) -> bool:
+    return _absent(value) or (isinstance(value, dict) and value.get("type") == "text")
+
+
+def _no_tool_choice(value: Any) -> bool:
+    return _absent(value) or value == "none"
+
+
+# Fields of OpenAI's and vLLM's APIs that change what is generated, and jinfer does not implement:
+# field -> (the values that ask for nothing, what the field would need). Anything else is a 400.
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "response_format": (_text_format, "structured (JSON / JSON-schema) output"),
+    "structured_outputs": (_absent, "structured output"),
+    "guided_json": (_absent, "structured output"),
+    "guided_regex": (_absent, "structured output"),
+    "guided_choice": (_absent, "structured output"),
+    "guided_grammar": (_absent, "structured output"),
+    "tools": (_absent, "tool calling"),
+    "tool_choice": (_no_tool_choice, "tool calling"),
+    "functions": (_absent, "tool calling"),
+    "function_call": (_no_tool_choice, "tool calling"),
+    "use_beam_search": (_absent, "beam search"),
+    "prompt_logprobs": (_absent, "prompt logprobs"),
+    "bad_words": (_absent, "bad-word bans (use logit_bias)"),
+    "allowed_token_ids": (_absent, "allowed-token lists (use logit_bias)"),
+    "truncate_prompt_tokens": (_absent, "prompt truncation"),
+    "continue_final_message": (_absent, "continuing the final message"),
+    "chat_template": (_absent, "per-request chat templates"),
+    "chat_template_kwargs": (_absent, "chat template arguments"),
+    "documents": (_absent, "chat template documents"),
+    "modalities": (lambda v: _absent(v) or v == ["text"], "non-text output"),
+    "audio": (_absent, "audio output"),
+    "prediction": (_absent, "predicted outputs"),
+    "return_tokens_as_token_ids": (_absent, "tokens as token ids"),
+    "spaces_between_special_tokens": (lambda v: v is None or v is True, "that detokenization"),
+}
+
+
 class _SamplingFields(BaseModel):
     """Fields both endpoints share: OpenAI's, then vLLM's extras."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept (in model_extra) to refuse `UNSUPPORTED`
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field asking for what jinfer does not implement."""
+        for name, value in (self.model_extra or {}).items():
+            accepts, feature = UNSUPPORTED.get(name, (None, ""))
+            if accepts is not None and not accepts(value):
+                return name, f"{name} is not supported: jinfer does not implement {feature}"
+        return None
 
     model: str | None = None
     n: int = 1

@@ -135,6 +135,12 @@ class Submitted:
             self.close()
 
 
+def _refuse_unsupported(body: P.CompletionRequest | P.ChatCompletionRequest) -> None:
+    if refused := body.unsupported():
+        field, message = refused
+        raise bad_request(message, field)
+
+
 class Serving:
     """Turns API bodies into engine requests and engine outputs into API responses."""
 
@@ -185,6 +191,7 @@ class Serving:
         return list(ids)
 
     def completion(self, body: P.CompletionRequest) -> Generation:
+        _refuse_unsupported(body)
         if body.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -203,6 +210,7 @@ class Serving:
         return Generation("completion", self.model_name, prompts, params, body)
 
     def chat(self, body: P.ChatCompletionRequest) -> Generation:
+        _refuse_unsupported(body)
         if not body.messages:
             raise bad_request("messages is empty: give at least one message", "messages")
         if body.top_logprobs is not None and not body.logprobs:
