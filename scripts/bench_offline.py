@@ -3,6 +3,7 @@
     python scripts/bench_offline.py                                   # SmolLM2, mixed, every peer
     python scripts/bench_offline.py --workload uniform                # 32 x 64 in, 64 out
     python scripts/bench_offline.py --model gemma3-270m
+    python scripts/bench_offline.py --workload uniform --repeat 3     # medians of 3 rounds
     python scripts/bench_offline.py --random-shape llama3-1b --tokenizer DIR   # GPU, random weights
 
 One seeded workload (token-id prompts, fixed output lengths, ignore_eos, greedy) is run by every
@@ -20,6 +21,10 @@ compute roofline (GEMM rate / FLOPs per token) and the single-stream bandwidth f
 roofline is printed twice: in output tokens, and in every token it ran (prompt + output), each
 of which costs the FLOPs the roofline counts. Prints one markdown table; --json writes every
 number.
+
+This machine's speed drifts by tens of percent between minutes, so one run of each engine can
+put either ahead. `--repeat N` runs the engines in N interleaved rounds (jinfer, transformers,
+llama.cpp, jinfer, ...) and reports each number's median, with the range of output tok/s.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -230,6 +236,22 @@ def run_llamacpp(path: str, work: Work, num_prompts: int, prefill_prompt: list[i
 
 
 # ------------------------------------------------------------------------------ main
+def summarize(runs: list[dict]) -> dict:
+    """One engine's rounds: the median of every number, plus each round's output tok/s."""
+    out = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+    if "prompts" in runs[0]:
+        out["prompts"] = runs[0]["prompts"]
+    out["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
+    return out
+
+
+def _spread(r: dict) -> str:
+    """The median output tok/s, with the rounds' range when there were several."""
+    runs = r["output_tok_s_runs"]
+    spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+    return f"{r['output_tok_s']:.1f}{spread}"
+
+
 def print_table(name: str, results: dict, floors: dict, ceilings: dict, work: Work) -> None:
     ref = results["jinfer"]
     print(
@@ -247,7 +269,7 @@ def print_table(name: str, results: dict, floors: dict, ceilings: dict, work: Wo
         )
         note = f" ({r['prompts']} prompts, one at a time)" if "prompts" in r else ""
         print(
-            f"| {engine}{note} | {r['output_tok_s']:.1f} | {r['prefill_tok_s']:.1f} | "
+            f"| {engine}{note} | {_spread(r)} | {r['prefill_tok_s']:.1f} | "
             f"{r['wall_s']:.1f} | {ratio} |"
         )
     roof = floors["compute_roofline_tok_s"]
@@ -292,9 +314,18 @@ def main() -> None:
         metavar="N",
         help="first run the workload under cProfile and print its N costliest functions",
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every engine N times, interleaved, and report medians (and the output range)",
+    )
     ap.add_argument("--small", action="store_true", help="a quick smoke run (8 prompts, short)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from jinfer.llm import resolve_dtype
@@ -345,9 +376,9 @@ def main() -> None:
         profile = cProfile.Profile()
         profile.runcall(run_jinfer, llm, work, prefill_prompt)
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_host)
-    results = {"jinfer": run_jinfer(llm, work, prefill_prompt)}
-    log.info("jinfer: %s", results["jinfer"])
-    del llm
+    engines: dict[str, Callable[[], dict]] = {
+        "jinfer": lambda: run_jinfer(llm, work, prefill_prompt)
+    }
     if "hf" in args.peers:
         try:
             import torch
@@ -356,19 +387,26 @@ def main() -> None:
             if on_cpu:
                 torch.set_num_threads(os.cpu_count() or 1)
             model = load_hf(path, cfg, device, dtype_name)
-            results["transformers"] = run_hf(
+            engines["transformers"] = lambda: run_hf(
                 model, work, args.hf_batch_size, prefill_prompt, device
             )
-            log.info("transformers: %s", results["transformers"])
-            del model
         except ImportError as e:
             log.warning("transformers peer skipped: %s", e)
     if "llama.cpp" in args.peers and path and path.endswith(".gguf"):
         try:
-            results["llama.cpp"] = run_llamacpp(path, work, args.llamacpp_prompts, prefill_prompt)
-            log.info("llama.cpp: %s", results["llama.cpp"])
+            import llama_cpp  # noqa: F401
+
+            engines["llama.cpp"] = lambda: run_llamacpp(
+                path, work, args.llamacpp_prompts, prefill_prompt
+            )
         except ImportError:
             log.warning("llama.cpp peer skipped: llama-cpp-python is not installed")
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for r in range(args.repeat):  # rounds interleave the engines: drift hits them alike
+        for engine, run in engines.items():
+            runs[engine].append(run())
+            log.info("%s, round %d: %s", engine, r + 1, runs[engine][-1])
+    results = {engine: summarize(rs) for engine, rs in runs.items()}
     print_table(name, results, floors, ceilings, work)
     if args.json:
         with open(args.json, "a") as f:
