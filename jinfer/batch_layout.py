@@ -12,11 +12,13 @@ block and is padded to whole blocks. A bucket with no blocks takes the whole ste
 in plan order (as before blocks existed).
 
 Alignment costs up to Bq - 1 padding tokens per prefill run, and region A is there in every
-bucket, so a full budget of real tokens needs a bucket larger than max_num_batched_tokens. The
-runner, not the scheduler, absorbs this (the scheduler keeps counting real tokens; its chunking,
-prefix-cache lookups and preemption are untouched): the ladder's top rungs are "one prefill
-chunk plus decodes" (A + 1/2, 3/4 and all of max_num_batched_tokens) and the worst case (every
-request a short prefill run), so every plan the scheduler can make fits some bucket.
+bucket. The scheduler therefore counts a prefill run of n > 1 tokens as align(n, Bq) against its
+token budget (`prefill_granularity`), so the block region of the top rung, A +
+align(max_num_batched_tokens, Bq), holds every plan it makes. (The runner used to absorb the
+padding with a "worst case" rung of A + budget + R * (Bq - 1) tokens: a full step of a few
+mixed-length prompts overflowed the top rung by a block or two and ran in a bucket three times
+its size, 3.5-4 s instead of ~1 s on CPU.) The ladder's top rungs are "one prefill chunk plus
+decodes": A + 1/2, 3/4 and all of max_num_batched_tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def region_a(bucket: int, max_num_seqs: int, query_block: int) -> int:
     return min(align(min(bucket, max_num_seqs), query_block), bucket)
 
 
+def prefill_granularity(max_num_batched_tokens: int, max_num_seqs: int, query_block: int) -> int:
+    """The scheduler's unit for prefill runs: Bq when the largest bucket has query blocks, 1 when
+    every token of every bucket goes per token."""
+    top = max_num_batched_tokens
+    return query_block if region_a(top, max_num_seqs, query_block) < top else 1
+
+
 def token_buckets(
     max_num_batched_tokens: int, max_num_seqs: int, query_block: int, smallest: int = 8
 ) -> tuple[int, ...]:
@@ -54,12 +63,11 @@ def token_buckets(
     a = region_a(top, max_num_seqs, query_block)
     if a >= top:  # no blocks even in the largest bucket: every plan fits it per token
         return (*sizes, top)
-    prefill_runs = min(max_num_seqs, max_num_batched_tokens // 2)
     # One prefill chunk (and decodes) of half, three quarters or all of the budget: a follow-up
     # turn's few hundred new tokens should not pay attention for a full chunk of padding blocks.
+    # The last holds every plan of a scheduler that counts prefill runs in whole blocks.
     chunks = {a + align(top * k // 4, query_block) for k in (2, 3, 4) if top * k // 4 > a}
-    worst = a + align(top + prefill_runs * (query_block - 1), query_block)
-    return tuple(sorted({*sizes, *chunks, worst}))
+    return tuple(sorted({*sizes, *chunks}))
 
 
 @dataclasses.dataclass

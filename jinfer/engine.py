@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jinfer import batch_layout
 from jinfer.block_manager import BlockManager
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page
@@ -127,10 +128,6 @@ class Engine:
         self.blocks = BlockManager(
             cache.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-            self.blocks,
-        )
         self.runner = ModelRunner(
             cfg,
             params,
@@ -140,6 +137,13 @@ class Engine:
             max_model_len=config.max_model_len,
             attention_backend=config.attention_backend,
             compile_unit=config.compile_unit,
+        )
+        granularity = batch_layout.prefill_granularity(
+            config.max_num_batched_tokens, config.max_num_seqs, self.runner.query_block
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, granularity),
+            self.blocks,
         )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()

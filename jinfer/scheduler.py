@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     max_num_seqs: int = 32  # R: requests running at once (rows of the block table)
     max_num_batched_tokens: int = 512  # token budget of one step
+    # A prefill run of n > 1 tokens costs align(n, this) of the budget: the runner lays prefill
+    # out in query blocks of this many tokens (`batch_layout.prefill_granularity`; 1: none).
+    prefill_granularity: int = 1
 
 
 @dataclasses.dataclass
@@ -89,15 +92,17 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._fit(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:  # less than one query block left: a later 1-token run may fit
+                continue
             num_preempted = len(preempted)
             if self._reserve(seq, num_new, preempted, scheduled):
                 scheduled.append((seq, num_new))
-                used += num_new
+                used += self._cost(num_new)
             if len(preempted) != num_preempted:  # a preemption may have unscheduled others
-                used = sum(n for _, n in scheduled)
+                used = sum(self._cost(n) for _, n in scheduled)
 
-        budget = self.config.max_num_batched_tokens - sum(n for _, n in scheduled)
+        budget = self.config.max_num_batched_tokens - sum(self._cost(n) for _, n in scheduled)
 
         while self.waiting and budget > 0 and self.free_slots and not preempted:
             seq = self.waiting[0]
@@ -105,8 +110,8 @@ class Scheduler:
                 raise RuntimeError(f"waiting request {seq.request_id} still holds KV state")
             cached = self.blocks.lookup(seq)  # leaves at least the last token to compute
             num_cached = len(cached) * self.blocks.page_size
-            num_new = min(seq.num_tokens - num_cached, budget)
-            if not self.blocks.can_allocate(seq, num_cached + num_new, cached):
+            num_new = self._fit(seq.num_tokens - num_cached, budget)
+            if num_new == 0 or not self.blocks.can_allocate(seq, num_cached + num_new, cached):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, num_cached + num_new, cached)
@@ -118,8 +123,22 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             admitted.append((seq, num_cached))
-            budget -= num_new
+            budget -= self._cost(num_new)
         return StepPlan(scheduled, preempted, admitted)
+
+    def _cost(self, num_new: int) -> int:
+        """What a run of `num_new` tokens takes of the budget: a prefill run (more than one
+        token) is laid out in whole query blocks."""
+        q = self.config.prefill_granularity
+        return num_new if num_new == 1 else -(-num_new // q) * q
+
+    def _fit(self, remaining: int, budget: int) -> int:
+        """How many of `remaining` uncomputed tokens a run may take out of `budget`: all of them
+        if their blocks fit, else as many whole blocks as fit (0: none)."""
+        if self._cost(remaining) <= budget:
+            return remaining
+        q = self.config.prefill_granularity
+        return budget // q * q
 
     def _reserve(
         self,
