@@ -52,13 +52,93 @@ def blocked_paged_attention(
     pos = positions.reshape(nb, bq)  # [NB, Bq]
     valid = jnp.arange(bq)[None, :] < block_lens[:, None]  # [NB, Bq]
 
-    # Key blocks any real query needs: from its oldest visible position to the newest.
+    def per_block(_):
+        # Static groups of BLOCKS_PER_GROUP blocks, each with its own key-loop bounds (as the
+        # per-token path groups tokens): a step's fresh short prompts do not pay for the key
+        # blocks of a long prompt's chunk next to them.
+        groups = (
+            nb // BLOCKS_PER_GROUP if nb % BLOCKS_PER_GROUP == 0 and nb > BLOCKS_PER_GROUP else 1
+        )
+        streams = BLOCK_STREAMS if groups % BLOCK_STREAMS == 0 else 1
+
+        def split(x: jax.Array) -> jax.Array:
+            """[NB, ...] -> [streams, groups / streams, NB / groups, ...]"""
+            return x.reshape(streams, groups // streams, nb // groups, *x.shape[1:])
+
+        def loop(xs: tuple[jax.Array, ...]) -> jax.Array:
+            qb, tables, pos, valid = xs
+            return _block_loop(
+                qb, tables, pos, valid, k_pages, v_pages,
+                pages_per_block=pages_per_block, window=window, softcap=softcap,
+            )  # fmt: skip
+
+        xs = tuple(split(x) for x in (qb, tables, pos, valid))
+        outs = [jax.lax.map(loop, tuple(x[i] for x in xs)) for i in range(streams)]
+        out = jnp.concatenate(outs).reshape(nb, k, g, bq, h)  # [NB, K, G, Bq, H]
+        return out.transpose(0, 3, 1, 2, 4).reshape(tq, n, h)  # [NB, Bq, K, G, H]
+
+    lo, hi = _key_blocks(pos, valid, block, window)  # the one-request path's key range
+
+    # The common case -- one long prompt's chunk fills every block -- needs no per-block gathers:
+    # one gather of that request's keys serves all NB * Bq queries as one large matmul per key
+    # block (instead of NB small ones, which XLA:CPU runs ~10x below its GEMM rate).
+    real = block_lens > 0
+    row = block_rows[jnp.argmax(real)]
+    one_request = jnp.all(jnp.where(real, block_rows == row, True))
+    out = jax.lax.cond(
+        one_request,
+        lambda _: _one_request_attention(
+            q.reshape(tq, k, g, h),
+            k_pages,
+            v_pages,
+            positions,
+            valid.reshape(tq),
+            jnp.take(block_tables, row, axis=0),
+            lo=lo * block,
+            hi=hi * block,
+            block=DENSE_KV_BLOCK,
+            window=window,
+            softcap=softcap,
+        ),
+        per_block,
+        None,
+    )
+    return out.astype(q.dtype)
+
+
+def _key_blocks(
+    pos: jax.Array, valid: jax.Array, block: int, window: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi): the key blocks of `block` positions that any valid query (at `pos`) sees, from
+    the oldest visible position to the newest; empty when no query is valid."""
     hi = jnp.max(jnp.where(valid, pos, -1)) // block + 1
     if window is None:
-        lo = jnp.int32(0)
-    else:
-        oldest = jnp.min(jnp.where(valid, pos, BIG))
-        lo = jnp.minimum(jnp.maximum(oldest - window + 1, 0) // block, hi)
+        return jnp.int32(0), hi
+    oldest = jnp.min(jnp.where(valid, pos, BIG))
+    return jnp.minimum(jnp.maximum(oldest - window + 1, 0) // block, hi), hi
+
+
+# The per-block path's key loops: one per group of this many query blocks, in BLOCK_STREAMS
+# independent chains (see attention.TOKENS_PER_GROUP / TOKEN_STREAMS).
+BLOCKS_PER_GROUP = 8
+BLOCK_STREAMS = 2
+
+
+def _block_loop(
+    qb: jax.Array,  # [NB, Bq, K, G, H] float32
+    tables: jax.Array,  # [NB, Pmax'] each block's block-table row
+    pos: jax.Array,  # [NB, Bq]
+    valid: jax.Array,  # [NB, Bq] bool
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    *,
+    pages_per_block: int,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:  # [NB, K, G, Bq, H] float32
+    nb, bq, k, g, h = qb.shape
+    block = pages_per_block * k_pages.shape[1]
+    lo, hi = _key_blocks(pos, valid, block, window)
 
     def body(j, carry):
         m, denom, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, H]
@@ -86,41 +166,13 @@ def blocked_paged_attention(
         acc_new = acc * corr[..., None] + jnp.einsum("bkgqc,bckh->bkgqh", p, vb)
         return m_new, l_new, acc_new
 
-    def per_block(_):
-        init = (
-            jnp.full((nb, k, g, bq), NEG_INF, jnp.float32),
-            jnp.zeros((nb, k, g, bq), jnp.float32),
-            jnp.zeros((nb, k, g, bq, h), jnp.float32),
-        )
-        _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
-        out = acc / jnp.maximum(denom, 1e-30)[..., None]  # [NB, K, G, Bq, H]
-        return out.transpose(0, 3, 1, 2, 4).reshape(tq, n, h)  # [NB, Bq, K, G, H]
-
-    # The common case -- one long prompt's chunk fills every block -- needs no per-block gathers:
-    # one gather of that request's keys serves all NB * Bq queries as one large matmul per key
-    # block (instead of NB small ones, which XLA:CPU runs ~10x below its GEMM rate).
-    real = block_lens > 0
-    row = block_rows[jnp.argmax(real)]
-    one_request = jnp.all(jnp.where(real, block_rows == row, True))
-    out = jax.lax.cond(
-        one_request,
-        lambda _: _one_request_attention(
-            q.reshape(tq, k, g, h),
-            k_pages,
-            v_pages,
-            positions,
-            valid.reshape(tq),
-            jnp.take(block_tables, row, axis=0),
-            lo=lo * block,
-            hi=hi * block,
-            block=DENSE_KV_BLOCK,
-            window=window,
-            softcap=softcap,
-        ),
-        per_block,
-        None,
+    init = (
+        jnp.full((nb, k, g, bq), NEG_INF, jnp.float32),
+        jnp.zeros((nb, k, g, bq), jnp.float32),
+        jnp.zeros((nb, k, g, bq, h), jnp.float32),
     )
-    return out.astype(q.dtype)
+    _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
+    return acc / jnp.maximum(denom, 1e-30)[..., None]
 
 
 DENSE_KV_BLOCK = 256  # keys per step of the one-request loop (a whole number of pages)

@@ -157,12 +157,17 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("mix, window, query_block, gqa, softcap, dtype", PREFILL_CASES)
-def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, softcap, mix, dtype):
+def test_prefill_query_blocks_match_dense_reference(
+    query_block, gqa, window, softcap, mix, dtype, monkeypatch
+):
     """Decodes per token in region A, prefill runs in query blocks sharing one KV gather: runs of
     1, Bq-1, Bq, Bq+1 and several blocks, after cached prefixes that end mid-page and mid-block.
-    `one-prefill`: the blocks all hold one request's chunk (the one-gather path); `-long` after
-    a 700-token prefix, so most key blocks are seen whole and skip the masks. `bfloat16`: a bf16
-    query over a pool of bf16 bits, which the one-request path multiplies in bf16."""
+    `many`: several requests' blocks, in groups of 2 blocks with their own key loops (two
+    streams; runs split across groups, a group of padding only). `one-prefill`: the blocks all
+    hold one request's chunk (the one-gather path); `-long` after a 700-token prefix, so most key
+    blocks are seen whole and skip the masks. `bfloat16`: a bf16 query over a pool of bf16 bits,
+    which the one-request path multiplies in bf16."""
+    monkeypatch.setattr("jinfer.blocked_attention.BLOCKS_PER_GROUP", 2)
     rng = np.random.default_rng(query_block * 1000 + gqa * 100 + (window or 0))
     bq = query_block
     kv_heads, head_dim, num_pages, max_pages = 2, 8, 260, 200
@@ -178,7 +183,8 @@ def test_prefill_query_blocks_match_dense_reference(query_block, gqa, window, so
     lengths = [new for _, new in requests]
     rows = list(range(len(requests)))
     a = align(len(requests), bq)
-    bucket = a + sum(align(new, bq) for new in lengths if new > 1) + bq  # + an all-padding block
+    blocks = sum(align(new, bq) for new in lengths if new > 1) // bq
+    bucket = a + align(blocks + 2, 4) * bq  # + at least two blocks of padding only
     placement = place(lengths, rows, bucket, len(requests), bq)
     assert placement is not None and region_a(bucket, len(requests), bq) == a
 
