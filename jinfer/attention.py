@@ -24,6 +24,7 @@ batch in small buckets) take the per-token path. Without blocks (None) every tok
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -178,13 +179,6 @@ def _per_token_attention(
         tables = jnp.pad(tables, ((0, 0), (0, pad)))
     token_tables = tables[meta.seq_ids]  # [T, Pmax']
     qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
-    groups = t // TOKENS_PER_GROUP if t % TOKENS_PER_GROUP == 0 and t > TOKENS_PER_GROUP else 1
-    streams = TOKEN_STREAMS if groups % TOKEN_STREAMS == 0 else 1
-
-    def split(x: jax.Array) -> jax.Array:
-        """[T, ...] -> [streams, groups / streams, T / groups, ...]"""
-        return x.reshape(streams, groups // streams, t // groups, *x.shape[1:])
-
     # Padding tokens write to the scratch page and need no keys: a group of padding only runs
     # no key steps at all.
     real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
@@ -196,13 +190,33 @@ def _per_token_attention(
             pages_per_block=pages_per_block, window=window, softcap=softcap,
         )  # fmt: skip
 
-    # lax.map: one compiled loop body run once per group, each with its own trip count; the
-    # groups in TOKEN_STREAMS independent maps.
-    xs = tuple(split(x) for x in (qg, token_tables, meta.positions, real))
-    outs = [
-        jax.lax.map(loop, tuple(x[i] for x in xs)) for i in range(streams)
-    ]  # each [groups / streams, T / groups, K, G, H]
-    return jnp.concatenate(outs).reshape(t, n, h).astype(q.dtype)
+    xs = (qg, token_tables, meta.positions, real)
+    out = grouped_map(loop, xs, TOKENS_PER_GROUP, TOKEN_STREAMS)  # [T, K, G, H]
+    return out.reshape(t, n, h).astype(q.dtype)
+
+
+def grouped_map(
+    loop: Callable[[tuple[jax.Array, ...]], jax.Array],
+    xs: tuple[jax.Array, ...],  # each [M, ...]
+    per_group: int,
+    streams: int,
+) -> jax.Array:  # [M, ...]: loop's outputs, in row order
+    """Runs `loop` on static groups of `per_group` rows of `xs` (one group when M does not
+    split evenly), so each group's key loop has its own trip count. lax.map compiles one loop
+    body, run once per group; the groups go in `streams` independent maps, which XLA:CPU may run
+    side by side (one map's iterations run only one after the other)."""
+    m = xs[0].shape[0]
+    groups = m // per_group if m % per_group == 0 and m > per_group else 1
+    streams = streams if groups % streams == 0 else 1
+
+    def split(x: jax.Array) -> jax.Array:
+        """[M, ...] -> [streams, groups / streams, M / groups, ...]"""
+        return x.reshape(streams, groups // streams, m // groups, *x.shape[1:])
+
+    parts = tuple(split(x) for x in xs)
+    outs = [jax.lax.map(loop, tuple(p[i] for p in parts)) for i in range(streams)]
+    out = jnp.concatenate(outs)  # [groups, M / groups, ...]
+    return out.reshape(m, *out.shape[2:])
 
 
 def _token_loop(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import kv_cache
-from jinfer.attention import NEG_INF, online_softmax_step
+from jinfer.attention import NEG_INF, grouped_map, online_softmax_step
 
 BIG = 2**30
 
@@ -53,18 +53,9 @@ def blocked_paged_attention(
     valid = jnp.arange(bq)[None, :] < block_lens[:, None]  # [NB, Bq]
 
     def per_block(_):
-        # Static groups of BLOCKS_PER_GROUP blocks, each with its own key-loop bounds (as the
-        # per-token path groups tokens): a step's fresh short prompts do not pay for the key
-        # blocks of a long prompt's chunk next to them.
-        groups = (
-            nb // BLOCKS_PER_GROUP if nb % BLOCKS_PER_GROUP == 0 and nb > BLOCKS_PER_GROUP else 1
-        )
-        streams = BLOCK_STREAMS if groups % BLOCK_STREAMS == 0 else 1
-
-        def split(x: jax.Array) -> jax.Array:
-            """[NB, ...] -> [streams, groups / streams, NB / groups, ...]"""
-            return x.reshape(streams, groups // streams, nb // groups, *x.shape[1:])
-
+        # Groups of BLOCKS_PER_GROUP blocks, each with its own key-loop bounds (as the per-token
+        # path groups tokens): a step's fresh short prompts do not pay for the key blocks of a
+        # long prompt's chunk next to them.
         def loop(xs: tuple[jax.Array, ...]) -> jax.Array:
             qb, tables, pos, valid = xs
             return _block_loop(
@@ -72,9 +63,8 @@ def blocked_paged_attention(
                 pages_per_block=pages_per_block, window=window, softcap=softcap,
             )  # fmt: skip
 
-        xs = tuple(split(x) for x in (qb, tables, pos, valid))
-        outs = [jax.lax.map(loop, tuple(x[i] for x in xs)) for i in range(streams)]
-        out = jnp.concatenate(outs).reshape(nb, k, g, bq, h)  # [NB, K, G, Bq, H]
+        xs = (qb, tables, pos, valid)
+        out = grouped_map(loop, xs, BLOCKS_PER_GROUP, BLOCK_STREAMS)  # [NB, K, G, Bq, H]
         return out.transpose(0, 3, 1, 2, 4).reshape(tq, n, h)  # [NB, Bq, K, G, H]
 
     lo, hi = _key_blocks(pos, valid, block, window)  # the one-request path's key range
