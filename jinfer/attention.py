@@ -24,6 +24,7 @@ batch in small buckets) take the per-token path. Without blocks (None) every tok
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -183,25 +184,22 @@ def _per_token_attention(
     # no key steps at all.
     real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
 
-    def loop(xs: tuple[jax.Array, ...]) -> jax.Array:
-        qg, token_tables, positions, real = xs
-        return _token_loop(
-            qg, token_tables, positions, real, k_pages, v_pages,
-            pages_per_block=pages_per_block, window=window, softcap=softcap,
-        )  # fmt: skip
-
+    loop = functools.partial(
+        _token_loop, k_pages=k_pages, v_pages=v_pages,
+        pages_per_block=pages_per_block, window=window, softcap=softcap,
+    )  # fmt: skip
     xs = (qg, token_tables, meta.positions, real)
     out = grouped_map(loop, xs, TOKENS_PER_GROUP, TOKEN_STREAMS)  # [T, K, G, H]
     return out.reshape(t, n, h).astype(q.dtype)
 
 
 def grouped_map(
-    loop: Callable[[tuple[jax.Array, ...]], jax.Array],
+    loop: Callable[..., jax.Array],
     xs: tuple[jax.Array, ...],  # each [M, ...]
     per_group: int,
     streams: int,
 ) -> jax.Array:  # [M, ...]: loop's outputs, in row order
-    """Runs `loop` on static groups of `per_group` rows of `xs` (one group when M does not
+    """Runs `loop(*xs)` on static groups of `per_group` rows of `xs` (one group when M does not
     split evenly), so each group's key loop has its own trip count. lax.map compiles one loop
     body, run once per group; the groups go in `streams` independent maps, which XLA:CPU may run
     side by side (one map's iterations run only one after the other)."""
@@ -214,7 +212,7 @@ def grouped_map(
         return x.reshape(streams, groups // streams, m // groups, *x.shape[1:])
 
     parts = tuple(split(x) for x in xs)
-    outs = [jax.lax.map(loop, tuple(p[i] for p in parts)) for i in range(streams)]
+    outs = [jax.lax.map(lambda x: loop(*x), tuple(p[i] for p in parts)) for i in range(streams)]
     out = jnp.concatenate(outs)  # [groups, M / groups, ...]
     return out.reshape(m, *out.shape[2:])
 

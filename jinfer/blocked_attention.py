@@ -56,13 +56,10 @@ def blocked_paged_attention(
         # Groups of BLOCKS_PER_GROUP blocks, each with its own key-loop bounds (as the per-token
         # path groups tokens): a step's fresh short prompts do not pay for the key blocks of a
         # long prompt's chunk next to them.
-        def loop(xs: tuple[jax.Array, ...]) -> jax.Array:
-            qb, tables, pos, valid = xs
-            return _block_loop(
-                qb, tables, pos, valid, k_pages, v_pages,
-                pages_per_block=pages_per_block, window=window, softcap=softcap,
-            )  # fmt: skip
-
+        loop = functools.partial(
+            _block_loop, k_pages=k_pages, v_pages=v_pages,
+            pages_per_block=pages_per_block, window=window, softcap=softcap,
+        )  # fmt: skip
         xs = (qb, tables, pos, valid)
         out = grouped_map(loop, xs, BLOCKS_PER_GROUP, BLOCK_STREAMS)  # [NB, K, G, Bq, H]
         return out.transpose(0, 3, 1, 2, 4).reshape(tq, n, h)  # [NB, Bq, K, G, H]

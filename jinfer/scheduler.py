@@ -102,7 +102,7 @@ class Scheduler:
             if len(preempted) != num_preempted:  # a preemption may have unscheduled others
                 used = sum(self._cost(n) for _, n in scheduled)
 
-        budget = self.config.max_num_batched_tokens - sum(self._cost(n) for _, n in scheduled)
+        budget = self.config.max_num_batched_tokens - used
 
         while self.waiting and budget > 0 and self.free_slots and not preempted:
             seq = self.waiting[0]
