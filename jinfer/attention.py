@@ -10,10 +10,10 @@ are that request's cached positions s with
     s <= positions[t]                      (causal; this step's tokens are already written)
     s >  positions[t] - window             (sliding-window layers only)
 
-The XLA path walks the key axis in blocks of `token_kv_block` (per token) or `kv_block` (query
-blocks) positions (a whole number of pages) with
-an online softmax, gathering each token's pages from the pool. The loop's bounds are computed
-from the positions inside jit, so one compiled step serves any context length.
+The XLA path reads the pool in its "head" layout (`kv_cache.py`) and walks the key axis a page
+at a time with an online softmax, gathering each token's (or query block's) pages. The loop's
+bounds are computed from the positions inside jit, so one compiled step serves any context
+length.
 
 Prefill runs may instead come in query blocks (`block_rows` / `block_lens`, see
 `blocked_attention.py`): the last NB * Bq tokens of the batch, each block Bq tokens of one
@@ -45,12 +45,6 @@ class AttentionMetadata:
     slot_mapping: jax.Array
     block_tables: jax.Array  # [R, Pmax] int32
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
-    kv_block: int = dataclasses.field(default=128, metadata=dict(static=True))  # query blocks
-    # The per-token path's key block: a decode pays for up to one block of padding keys, and
-    # its tiny per-token matmuls gain nothing from long blocks (CPU, 32 decodes at a 140-token
-    # context: 5.1 ms per layer at 128, 2.7 ms at 64). Doubled for one or two tokens, whose key
-    # steps cost mostly their fixed overhead (`_per_token_attention`).
-    token_kv_block: int = dataclasses.field(default=64, metadata=dict(static=True))
     # Query blocks of the prefill region (the batch's last NB * Bq tokens); None: no blocks.
     block_rows: jax.Array | None = None  # [NB] int32: block-table row of each block (padding -> 0)
     block_lens: jax.Array | None = None  # [NB] int32: real tokens at the block's front (0..Bq)
@@ -64,8 +58,8 @@ class AttentionMetadata:
 
 def paged_attention(
     q: jax.Array,  # [T, N, H], already scaled
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # the layer's pools in kv_cache.layout_for(meta.backend)
+    v_pages: jax.Array,
     meta: AttentionMetadata,
     *,
     window: int | None = None,
@@ -100,8 +94,8 @@ def online_softmax_step(
 
 def xla_paged_attention(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     meta: AttentionMetadata,
     *,
     window: int | None = None,
@@ -122,7 +116,6 @@ def xla_paged_attention(
         meta.block_rows,
         meta.block_lens,
         meta.block_tables,
-        kv_block=meta.kv_block,
         window=window,
         softcap=softcap,
     )  # [NB * Bq, N, H]
@@ -152,42 +145,32 @@ TOKEN_STREAMS = 2
 
 def _per_token_attention(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     meta: AttentionMetadata,
     *,
     window: int | None = None,
     softcap: float | None = None,
 ) -> jax.Array:  # [T, N, H]
-    """Each token gathers its own copy of its request's KV blocks: right for decodes.
+    """Each token gathers its own copy of its request's KV pages: right for decodes.
 
     A key loop runs to the longest context among its tokens, and every token pays for every
     step of it. So the tokens go in static groups of TOKENS_PER_GROUP, each with its own loop
     bound; the scheduler orders decodes longest first, so a batch of mixed context lengths
     pays roughly for its real keys rather than T x the longest."""
     t, n, h = q.shape
-    _, page_size, k, _ = k_pages.shape
+    k = k_pages.shape[1]
     g = n // k
-    # One or two tokens (one stream decoding) move little data per key step, whose fixed cost
-    # (a dozen small kernels) then dominates: twice the block, half the steps (CPU, one decode
-    # at 80 / 2000 keys: 0.14 -> 0.09 / 1.22 -> 0.91 ms per layer; no gain from 4 tokens up).
-    kv_block = meta.token_kv_block * (2 if t <= 2 else 1)
-    pages_per_block = max(1, kv_block // page_size)
-    tables = meta.block_tables
-    max_pages = tables.shape[1]
-    pad = (-max_pages) % pages_per_block
-    if pad:
-        tables = jnp.pad(tables, ((0, 0), (0, pad)))
-    token_tables = tables[meta.seq_ids]  # [T, Pmax']
+    token_tables = meta.block_tables[meta.seq_ids]  # [T, Pmax]
     qg = q.reshape(t, k, g, h).astype(jnp.float32)  # [T, K, G, H]
     # Padding tokens write to the scratch page and need no keys: a group of padding only runs
     # no key steps at all.
+    page_size = k_pages.shape[3]
     real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
 
     loop = functools.partial(
-        _token_loop, k_pages=k_pages, v_pages=v_pages,
-        pages_per_block=pages_per_block, window=window, softcap=softcap,
-    )  # fmt: skip
+        _token_loop, k_pages=k_pages, v_pages=v_pages, window=window, softcap=softcap
+    )
     xs = (qg, token_tables, meta.positions, real)
     out = grouped_map(loop, xs, TOKENS_PER_GROUP, TOKEN_STREAMS)  # [T, K, G, H]
     return out.reshape(t, n, h).astype(q.dtype)
@@ -219,20 +202,19 @@ def grouped_map(
 
 def _token_loop(
     qg: jax.Array,  # [T, K, G, H] float32
-    token_tables: jax.Array,  # [T, Pmax']
+    token_tables: jax.Array,  # [T, Pmax]
     positions: jax.Array,  # [T]
     real: jax.Array,  # [T] bool: not padding
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     *,
-    pages_per_block: int,
     window: int | None,
     softcap: float | None,
 ) -> jax.Array:  # [T, K, G, H] float32
     t, k, g, h = qg.shape
-    block = pages_per_block * k_pages.shape[1]
+    block = k_pages.shape[3]  # Z: one page per key step
 
-    # Key blocks needed by any real token: from the oldest visible position to the newest.
+    # Pages needed by any real token: from the oldest visible position to the newest.
     hi = jnp.max(jnp.where(real, positions, -1)) // block + 1  # 0 when all are padding
     if window is None:
         lo = jnp.int32(0)
@@ -242,27 +224,20 @@ def _token_loop(
 
     def body(b, carry):
         m, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
-        cols = b * pages_per_block + jnp.arange(pages_per_block)
-        page_ids = jnp.take(token_tables, cols, axis=1)  # [T, pages_per_block]
-        kb = kv_cache.read_pages(k_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
-        vb = kv_cache.read_pages(v_pages, page_ids).reshape(t, block, k, h)  # [T, C, K, H]
-        # Keys as the left operand, then the small [C, G] result transposed: written as
-        # "tkgh,tckh->tkgc", XLA:CPU feeds the block to its dot as [T, K, H, C] and so
-        # transposes it element by element (h becomes the major axis) in every key step; this
-        # way it moves whole H-rows, [T, C, K, H] -> [T, K, C, H]. (CPU, SmolLM2 shapes:
-        # 32 decodes at a 300-token context 3.2 -> 2.7 ms per layer; Gemma 3's 256-wide heads
-        # 4.3 -> 2.7 ms.)
-        s = jnp.einsum("tckh,tkgh->tkcg", kb, qg).transpose(0, 1, 3, 2)  # [T, K, G, C]
+        page_ids = jax.lax.dynamic_index_in_dim(token_tables, b, axis=1, keepdims=False)  # [T]
+        kb = kv_cache.read_pages(k_pages, page_ids)  # [T, K, H, Z]
+        vb = kv_cache.read_pages(v_pages, page_ids)  # [T, K, Z, H]
+        s = jnp.einsum("tkgh,tkhz->tkgz", qg, kb)  # [T, K, G, Z]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
-        key_pos = b * block + jnp.arange(block)  # [C]
-        visible = key_pos[None, :] <= positions[:, None]  # [T, C]
+        key_pos = b * block + jnp.arange(block)  # [Z]
+        visible = key_pos[None, :] <= positions[:, None]  # [T, Z]
         if window is not None:
             visible &= key_pos[None, :] > positions[:, None] - window
         m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible[:, None, None, :])
         # Slots past a request's length may hold stale data (or NaN): never let 0 * NaN in.
-        vb = jnp.where(visible[:, :, None, None], vb, 0.0)
-        acc_new = acc * corr[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)
+        vb = jnp.where(visible[:, None, :, None], vb, 0.0)
+        acc_new = acc * corr[..., None] + jnp.einsum("tkgz,tkzh->tkgh", p, vb)
         return m_new, l_new, acc_new
 
     init = (

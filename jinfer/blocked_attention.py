@@ -1,11 +1,12 @@
 """Prefill attention in query blocks: Bq tokens of one request share each gathered KV block.
 
 The per-token path (`attention.xla_paged_attention`) gathers every query token's own copy of
-each KV block: [T, C, K, H] per step of the key loop. A 512-token chunk at 8k context moves 512
+each KV page: [T, K, H, Z] per step of the key loop. A 512-token chunk at 8k context moves 512
 copies of the whole context through memory, and the scores are T matrix-vector products. Here
 the runner has laid each prefill run out in whole blocks of Bq consecutive positions of one
-request (`AttentionMetadata.block_rows` / `block_lens`), so one gather [NB, C, K, H] serves Bq
-queries and the scores are [Bq, H] x [H, C] matrix products.
+request (`AttentionMetadata.block_rows` / `block_lens`), so one gather [NB, K, H, Z] serves Bq
+queries and the scores are [G * Bq, H] x [H, Z] matrix products. Pools are in the "head" layout
+(`kv_cache.py`): keys [P, K, H, Z], values [P, K, Z, H].
 
 Block b holds `block_lens[b]` real tokens at the front (positions p_b, p_b + 1, ...) of
 block-table row `block_rows[b]`; the rest is padding. Padding queries see no keys and come out
@@ -27,28 +28,24 @@ BIG = 2**30
 
 def blocked_paged_attention(
     q: jax.Array,  # [NB * Bq, N, H], already scaled
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     positions: jax.Array,  # [NB * Bq] int32
     block_rows: jax.Array,  # [NB] int32
     block_lens: jax.Array,  # [NB] int32
     block_tables: jax.Array,  # [R, Pmax] int32
     *,
-    kv_block: int,
     window: int | None = None,
     softcap: float | None = None,
 ) -> jax.Array:  # [NB * Bq, N, H]
     nb = block_rows.shape[0]
     tq, n, h = q.shape
     bq = tq // nb
-    _, page_size, k, _ = k_pages.shape
+    _, k, _, page_size = k_pages.shape
     g = n // k
-    pages_per_block = max(1, kv_block // page_size)
-    block = pages_per_block * page_size  # C
-    pad = (-block_tables.shape[1]) % pages_per_block
-    tables = jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
-    tables = tables[block_rows]  # [NB, Pmax']
-    qb = q.reshape(nb, bq, k, g, h).astype(jnp.float32)  # [NB, Bq, K, G, H]
+    tables = block_tables[block_rows]  # [NB, Pmax]
+    # [NB, K, G, Bq, H]: the scores' layout, transposed once here rather than in every key step
+    qb = q.reshape(nb, bq, k, g, h).astype(jnp.float32).transpose(0, 2, 3, 1, 4)
     pos = positions.reshape(nb, bq)  # [NB, Bq]
     valid = jnp.arange(bq)[None, :] < block_lens[:, None]  # [NB, Bq]
 
@@ -57,14 +54,13 @@ def blocked_paged_attention(
         # path groups tokens): a step's fresh short prompts do not pay for the key blocks of a
         # long prompt's chunk next to them.
         loop = functools.partial(
-            _block_loop, k_pages=k_pages, v_pages=v_pages,
-            pages_per_block=pages_per_block, window=window, softcap=softcap,
-        )  # fmt: skip
+            _block_loop, k_pages=k_pages, v_pages=v_pages, window=window, softcap=softcap
+        )
         xs = (qb, tables, pos, valid)
         out = grouped_map(loop, xs, BLOCKS_PER_GROUP, BLOCK_STREAMS)  # [NB, K, G, Bq, H]
         return out.transpose(0, 3, 1, 2, 4).reshape(tq, n, h)  # [NB, Bq, K, G, H]
 
-    lo, hi = _key_blocks(pos, valid, block, window)  # the one-request path's key range
+    lo, hi = _key_blocks(pos, valid, page_size, window)  # the one-request path's key pages
 
     # The common case -- one long prompt's chunk fills every block -- needs no per-block gathers:
     # one gather of that request's keys serves all NB * Bq queries as one large matmul per key
@@ -81,8 +77,8 @@ def blocked_paged_attention(
             positions,
             valid.reshape(tq),
             jnp.take(block_tables, row, axis=0),
-            lo=lo * block,
-            hi=hi * block,
+            lo=lo * page_size,
+            hi=hi * page_size,
             block=DENSE_KV_BLOCK,
             window=window,
             softcap=softcap,
@@ -112,45 +108,39 @@ BLOCK_STREAMS = 2
 
 
 def _block_loop(
-    qb: jax.Array,  # [NB, Bq, K, G, H] float32
-    tables: jax.Array,  # [NB, Pmax'] each block's block-table row
+    qb: jax.Array,  # [NB, K, G, Bq, H] float32
+    tables: jax.Array,  # [NB, Pmax] each block's block-table row
     pos: jax.Array,  # [NB, Bq]
     valid: jax.Array,  # [NB, Bq] bool
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     *,
-    pages_per_block: int,
     window: int | None,
     softcap: float | None,
 ) -> jax.Array:  # [NB, K, G, Bq, H] float32
-    nb, bq, k, g, h = qb.shape
-    block = pages_per_block * k_pages.shape[1]
+    nb, k, g, bq, h = qb.shape
+    block = k_pages.shape[3]  # Z: one page per key step
     lo, hi = _key_blocks(pos, valid, block, window)
 
     def body(j, carry):
         m, denom, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, H]
-        cols = j * pages_per_block + jnp.arange(pages_per_block)
-        page_ids = jnp.take(tables, cols, axis=1)  # [NB, pages_per_block]
-        kb = kv_cache.read_pages(k_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
-        vb = kv_cache.read_pages(v_pages, page_ids).reshape(nb, block, k, h)  # [NB, C, K, H]
-        # Keys as the left operand (see attention._token_loop): XLA:CPU then moves whole
-        # H-rows of the block instead of transposing it element by element (CPU, 8 prompts of
-        # 64 tokens in one chunk: 5.0 -> 4.4 ms per layer). Not so in the one-request loop
-        # below, whose [T, C] scores outweigh its key block.
-        s = jnp.einsum("bckh,bqkgh->bkcgq", kb, qb).transpose(0, 1, 3, 4, 2)  # [NB, K, G, Bq, C]
+        page_ids = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [NB]
+        kb = kv_cache.read_pages(k_pages, page_ids)  # [NB, K, H, Z]
+        vb = kv_cache.read_pages(v_pages, page_ids)  # [NB, K, Z, H]
+        s = jnp.einsum("bkgqh,bkhz->bkgqz", qb, kb)  # [NB, K, G, Bq, Z]
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
-        key_pos = j * block + jnp.arange(block)  # [C]
-        visible = key_pos[None, None, :] <= pos[:, :, None]  # [NB, Bq, C]
+        key_pos = j * block + jnp.arange(block)  # [Z]
+        visible = key_pos[None, None, :] <= pos[:, :, None]  # [NB, Bq, Z]
         if window is not None:
             visible &= key_pos[None, None, :] > pos[:, :, None] - window
         visible &= valid[:, :, None]
-        vis = visible[:, None, None, :, :]  # [NB, 1, 1, Bq, C]
+        vis = visible[:, None, None, :, :]  # [NB, 1, 1, Bq, Z]
         m_new, l_new, p, corr = online_softmax_step(m, denom, s, vis)
         # Keys no query of the block sees may be stale or NaN: never let 0 * NaN in.
-        seen = jnp.any(visible, axis=1)  # [NB, C]
-        vb = jnp.where(seen[:, :, None, None], vb, 0.0)
-        acc_new = acc * corr[..., None] + jnp.einsum("bkgqc,bckh->bkgqh", p, vb)
+        seen = jnp.any(visible, axis=1)  # [NB, Z]
+        vb = jnp.where(seen[:, None, :, None], vb, 0.0)
+        acc_new = acc * corr[..., None] + jnp.einsum("bkgqz,bkzh->bkgqh", p, vb)
         return m_new, l_new, acc_new
 
     init = (
@@ -167,8 +157,8 @@ DENSE_KV_BLOCK = 256  # keys per step of the one-request loop (a whole number of
 
 def _one_request_attention(
     q: jax.Array,  # [T, K, G, H]
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,
+    k_pages: jax.Array,  # [P, K, H, Z]
+    v_pages: jax.Array,  # [P, K, Z, H]
     positions: jax.Array,  # [T]
     valid: jax.Array,  # [T] bool
     table: jax.Array,  # [Pmax] int32: the request's block-table row
@@ -184,7 +174,7 @@ def _one_request_attention(
     all of them. (CPU, a 512-token chunk at 1.5k-3.5k context: the selects were ~1/4 of the
     attention kernels' time; the chunk got ~4% faster end to end.)"""
     t, k, g, h = q.shape
-    page_size = k_pages.shape[1]
+    page_size = k_pages.shape[3]
     ppb = max(1, block // page_size)
     block = ppb * page_size
     pad = (-table.shape[0]) % ppb
@@ -203,8 +193,10 @@ def _one_request_attention(
 
     def step(j, carry, masked: bool):
         page_ids = jax.lax.dynamic_slice(table, (j * ppb,), (ppb,))
-        kb = kv_cache.read_pages(k_pages, page_ids, cdt).reshape(block, k, h)  # [C, K, H]
-        vb = kv_cache.read_pages(v_pages, page_ids, cdt).reshape(block, k, h)
+        kb = kv_cache.read_pages(k_pages, page_ids, cdt)  # [ppb, K, H, Z]
+        kb = kb.transpose(1, 2, 0, 3).reshape(k, h, block)  # [K, H, C]
+        vb = kv_cache.read_pages(v_pages, page_ids, cdt)  # [ppb, K, Z, H]
+        vb = vb.transpose(1, 0, 2, 3).reshape(k, block, h)  # [K, C, H]
         visible = None
         if masked:
             key_pos = j * block + jnp.arange(block)  # [C]
@@ -212,15 +204,15 @@ def _one_request_attention(
             if window is not None:
                 visible &= key_pos[None, :] > positions[:, None] - window
             seen = jnp.any(visible, axis=0)  # [C]: keys nobody sees may be stale or NaN
-            vb = jnp.where(seen[:, None, None], vb, jnp.zeros((), vb.dtype))
+            vb = jnp.where(seen[None, :, None], vb, jnp.zeros((), vb.dtype))
             visible = jnp.tile(visible, (g, 1))  # [G*T, C]
         new = []
         for i, (m, denom, acc) in enumerate(carry):  # [G*T], [G*T], [G*T, H]
-            s = product(qk[i], kb[:, i].T)  # [G*T, C]
+            s = product(qk[i], kb[i])  # [G*T, C]
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
             m_new, l_new, p, corr = online_softmax_step(m, denom, s, visible)
-            new.append((m_new, l_new, acc * corr[:, None] + product(p, vb[:, i])))
+            new.append((m_new, l_new, acc * corr[:, None] + product(p, vb[i])))
         return tuple(new)
 
     # Blocks [whole_lo, whole_hi) are visible in full to every valid query.

@@ -17,7 +17,7 @@ import numpy as np
 from jinfer import batch_layout
 from jinfer.block_manager import BlockManager
 from jinfer.config import ModelConfig
-from jinfer.kv_cache import KVCache, bytes_per_page
+from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.params import Params
 from jinfer.runner import ModelRunner, StepResult, num_compiles
@@ -34,13 +34,17 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 32  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunk size)
-    page_size: int = 16
+    page_size: int | None = None  # None: kv_cache.default_page_size(attention_backend)
     num_pages: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     attention_backend: str = "xla"
     compile_unit: str = "auto"  # "step" | "layer": see runner.resolve_compile_unit
     seed: int = 0  # draws the seeds of requests that bring none
     enable_prefix_caching: bool = True  # reuse full KV pages computed before (prefix_cache.py)
+
+    def __post_init__(self) -> None:
+        if self.page_size is None:
+            self.page_size = default_page_size(self.attention_backend)
 
     def resolve_num_pages(self, cfg: ModelConfig, dtype: Any) -> int:
         if self.num_pages is not None:
@@ -119,6 +123,13 @@ class Engine:
         self.cfg = cfg
         self.config = config
         self.tokenizer = tokenizer
+        layout = layout_for(config.attention_backend)
+        if (cache.layout, cache.page_size) != (layout, config.page_size):
+            raise ValueError(
+                f"KV cache of {cache.page_size}-token pages in the {cache.layout!r} layout, but "
+                f"attention_backend={config.attention_backend!r} with page_size="
+                f"{config.page_size} reads {layout!r} pages of {config.page_size}"
+            )
         max_pages_per_seq = -(-config.max_model_len // config.page_size)
         if cache.num_pages - 1 < max_pages_per_seq:
             raise ValueError(

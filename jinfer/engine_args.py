@@ -53,7 +53,12 @@ def add_engine_args(parser: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard over")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="tokens per KV-cache page (default: 64 for the XLA attention, 16 for Pallas)",
+    )
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV-cache size")
     p.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (overrides GB)")
     p.add_argument(

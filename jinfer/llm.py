@@ -21,7 +21,7 @@ from jinfer import registry
 from jinfer.compile_cache import bound_compiled_programs, enable_persistent_cache
 from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
-from jinfer.kv_cache import init_cache, storage_dtype
+from jinfer.kv_cache import default_page_size, init_cache, layout_for, storage_dtype
 from jinfer.outputs import RequestOutput
 from jinfer.params import Params
 from jinfer.sampling_params import SamplingParams
@@ -135,7 +135,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 512,
-        page_size: int = 16,
+        page_size: int | None = None,  # None: kv_cache.default_page_size (64 for XLA, 16 Pallas)
         num_pages: int | None = None,
         kv_cache_memory_gb: float = 2.0,
         kv_cache_dtype: str = "auto",
@@ -160,6 +160,8 @@ class LLM:
         )
         self.dtype = resolve_dtype(dtype)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, attention_backend)
+        if page_size is None:
+            page_size = default_page_size(attention_backend)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
         config = EngineConfig(
@@ -175,9 +177,10 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
-        sharding = cache_sharding(cfg, self.mesh, pages, page_size)
+        layout = layout_for(attention_backend)
+        sharding = cache_sharding(cfg, self.mesh, pages, page_size, layout)
         stored = storage_dtype(self.kv_cache_dtype, attention_backend)
-        cache = init_cache(cfg, pages, page_size, stored, sharding)
+        cache = init_cache(cfg, pages, page_size, stored, sharding, layout=layout)
         self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()

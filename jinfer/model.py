@@ -94,8 +94,8 @@ def attention_block(
     kind: LayerKind,
     p: LayerParams,
     x: jax.Array,  # [T, D]
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # one layer's pools, in the layout of meta.backend (kv_cache.py)
+    v_pages: jax.Array,
     meta: AttentionMetadata,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     q = dense("td,dnh->tnh", x, p.wq)  # [T, N, H]
@@ -109,8 +109,9 @@ def attention_block(
     inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
     q = apply_rope(q, meta.positions, inv_freq)
     k = apply_rope(k, meta.positions, inv_freq)
-    k_pages = kv_cache.write(k_pages, k, meta.slot_mapping)
-    v_pages = kv_cache.write(v_pages, v, meta.slot_mapping)
+    layout = kv_cache.layout_for(meta.backend)
+    k_pages = kv_cache.write(k_pages, k, meta.slot_mapping, layout, "k")
+    v_pages = kv_cache.write(v_pages, v, meta.slot_mapping, layout, "v")
     out = paged_attention(
         q * jnp.asarray(cfg.scale, q.dtype),
         k_pages,
@@ -143,8 +144,8 @@ def decoder_layer(
     kind: LayerKind,
     p: LayerParams,
     x: jax.Array,  # [T, D]
-    k_pages: jax.Array,  # [P, Z, K, H]
-    v_pages: jax.Array,  # [P, Z, K, H]
+    k_pages: jax.Array,  # one layer's pools (see attention_block)
+    v_pages: jax.Array,
     meta: AttentionMetadata,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # x [T, D], updated k_pages, v_pages
     h = rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
@@ -192,4 +193,6 @@ def forward(
         )
         new_k.append(k_pages)
         new_v.append(v_pages)
-    return logits_head(params, cfg, x, logits_idx), KVCache(k=tuple(new_k), v=tuple(new_v))
+    return logits_head(params, cfg, x, logits_idx), KVCache(
+        k=tuple(new_k), v=tuple(new_v), layout=cache.layout
+    )

@@ -391,7 +391,7 @@ class ModelRunner:
             x, ks[i], vs[i] = _layer_step(
                 p, self.cfg, self._layer_kinds[i], layout, ibuf, fbuf, x, ks[i], vs[i]
             )
-        self.cache = KVCache(k=tuple(ks), v=tuple(vs))
+        self.cache = KVCache(k=tuple(ks), v=tuple(vs), layout=self.cache.layout)
         return _head_step(edges, self.cfg, layout, ibuf, fbuf, x)
 
     def _warmup_layers(self) -> int | None:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jinfer import kv_cache
 from jinfer.config import ModelConfig
 from jinfer.params import Params, map_specs, param_specs
 
@@ -74,9 +75,16 @@ def place_params(params: Params, cfg: ModelConfig, mesh: Mesh, dtype: Any) -> Pa
     return jax.tree_util.tree_map(put, params, shardings)
 
 
-def cache_sharding(cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int) -> NamedSharding:
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return NamedSharding(mesh, logical_to_spec((None, None, "kv_heads", "head_dim"), shape, mesh))
+def cache_sharding(
+    cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int, layout: str
+) -> tuple[NamedSharding, NamedSharding]:
+    """The (k, v) pools' shardings in `layout`: split over kv heads (or head width)."""
+    logical = {"P": None, "Z": None, "K": "kv_heads", "H": "head_dim"}
+    shapes = kv_cache.pool_shapes(cfg, num_pages, page_size, layout)
+    return tuple(
+        NamedSharding(mesh, logical_to_spec(tuple(logical[a] for a in axes), shape, mesh))
+        for axes, shape in zip(kv_cache.pool_axes(layout), shapes, strict=True)
+    )
 
 
 __all__ = ["make_mesh", "place_params", "cache_sharding", "param_shardings"]

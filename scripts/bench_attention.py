@@ -21,6 +21,7 @@ import numpy as np
 from _bench_util import copy_bandwidth, timed
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
+from jinfer.kv_cache import to_layout
 from pallas_kernels import decode_gpu, ragged_gpu
 
 KV_HEADS, Q_PER_KV, PAGE = 8, 4, 16
@@ -72,12 +73,15 @@ def bench_config(args, batch: int, context: int, head_dim: int, bw: float) -> li
             block_tables=tables,
         )
         kernels["xla"] = lambda q, k, v, n, t: xla_paged_attention(q, k, v, meta)
+    # The XLA path reads its pools in the "head" layout (kv_cache.py), the kernels in "token".
+    head = (q, to_layout(k_pages, "head", "k"), to_layout(v_pages, "head", "v"), kv_lens, tables)
     kv_bytes = 2 * batch * context * KV_HEADS * head_dim * dtype.itemsize
     rows = []
     for name, fn in kernels.items():
         try:
             run = looped(fn, args.inner)
-            sec = timed(lambda run=run: run(*data), args.reps) / args.inner
+            args_ = head if name == "xla" else data
+            sec = timed(lambda run=run, a=args_: run(*a), args.reps) / args.inner
         except Exception as e:  # one failing config (a compile error, say) must not end the sweep
             print(f"FAILED {name} b{batch} ctx{context} h{head_dim}: {type(e).__name__}: {e}"[:600])
             continue

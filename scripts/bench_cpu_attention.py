@@ -5,7 +5,8 @@
     PYTHONPATH=OTHER_CHECKOUT python scripts/bench_cpu_attention.py   # the same sweep, other code
 
 Every sequence of the batch is one decode token at its own context (`--context` minus 0-15, so
-the loop groups see a realistic spread), pages scattered at random in the pool, float32. The
+the loop groups see a realistic spread), `--page-size` pages (the XLA default: 64) scattered at
+random in a pool in the "head" layout the XLA path reads (`kv_cache.py`), float32. The
 function is jitted alone and timed as the median of `--rounds` rounds; `gb_s` is the K and V
 bytes the batch must read over that time. Two checkouts compare best alternated in time
 (`PYTHONPATH` picks the `jinfer` package), as this machine's speed drifts by tens of percent.
@@ -22,29 +23,29 @@ import numpy as np
 from _bench_util import timed
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
+from jinfer.kv_cache import default_page_size, to_layout
 
 HEADS = {  # kv heads, query heads per kv head, head_dim
     "smollm2": (3, 3, 64),
     "gemma3": (1, 4, 256),
     "llama3": (8, 4, 128),
 }
-PAGE = 16
 
 
-def bench(batch: int, context: int, heads: tuple[int, int, int], rounds: int) -> dict:
+def bench(batch: int, context: int, heads: tuple[int, int, int], rounds: int, page: int) -> dict:
     kv_heads, q_per_kv, head_dim = heads
     rng = np.random.default_rng(batch * 100_003 + context)
     lengths = context - rng.integers(0, 16, batch)
     lengths = np.maximum(lengths, 1)
-    max_pages = -(-context // PAGE)
+    max_pages = -(-context // page)
     num_pages = batch * max_pages + 1
-    shape = (num_pages, PAGE, kv_heads, head_dim)
-    k_pages = jnp.asarray(rng.standard_normal(shape, np.float32))
-    v_pages = jnp.asarray(rng.standard_normal(shape, np.float32))
+    shape = (num_pages, page, kv_heads, head_dim)
+    k_pages = to_layout(jnp.asarray(rng.standard_normal(shape, np.float32)), "head", "k")
+    v_pages = to_layout(jnp.asarray(rng.standard_normal(shape, np.float32)), "head", "v")
     tables = (1 + rng.permutation(batch * max_pages)).reshape(batch, max_pages).astype(np.int32)
     positions = (lengths - 1).astype(np.int32)
     seqs = np.arange(batch, dtype=np.int32)
-    slots = tables[seqs, positions // PAGE] * PAGE + positions % PAGE
+    slots = tables[seqs, positions // page] * page + positions % page
     meta = AttentionMetadata(
         positions=jnp.asarray(positions),
         seq_ids=jnp.asarray(seqs),
@@ -69,11 +70,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 32, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[160, 1000])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--page-size", type=int, default=default_page_size("xla"))
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
     args = ap.parse_args()
     for context in args.context:
         for batch in args.batch:
-            row = dict(heads=args.heads, **bench(batch, context, HEADS[args.heads], args.rounds))
+            heads = HEADS[args.heads]
+            row = dict(
+                heads=args.heads, **bench(batch, context, heads, args.rounds, args.page_size)
+            )
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:

@@ -23,7 +23,7 @@ from _bench_util import copy_bandwidth
 from jinfer import model
 from jinfer.attention import AttentionMetadata
 from jinfer.config import ModelConfig
-from jinfer.kv_cache import init_cache
+from jinfer.kv_cache import default_page_size, init_cache, layout_for
 from jinfer.params import init_params
 
 SHAPES = {
@@ -67,7 +67,7 @@ def bench(
     cfg: ModelConfig, params, dtype, batch: int, context: int, page: int, backend: str = "xla"
 ) -> float:
     pages_per_seq = -(-(context + 1) // page)
-    cache = init_cache(cfg, batch * pages_per_seq + 1, page, dtype)
+    cache = init_cache(cfg, batch * pages_per_seq + 1, page, dtype, layout=layout_for(backend))
     tables = 1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
     pos = np.full(batch, context, np.int32)
     slots = tables[np.arange(batch), pos // page] * page + pos % page
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[1024])
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=None, help="default: the backend's")
     ap.add_argument("--attention-backend", nargs="+", default=["xla"], choices=["xla", "pallas"])
     ap.add_argument("--copy-bytes", type=int, default=1 << 30)
     ap.add_argument("--matmul-only", action="store_true", help="also time the bare matmuls")
@@ -156,7 +156,8 @@ def main() -> None:
         for b in args.batch:
             for backend in args.attention_backend:
                 try:
-                    step = bench(cfg, params, dtype, b, ctx, args.page_size, backend)
+                    page = args.page_size or default_page_size(backend)
+                    step = bench(cfg, params, dtype, b, ctx, page, backend)
                 except Exception as e:  # report and go on to the next configuration
                     print(f"FAILED {backend} b{b} ctx{ctx}: {type(e).__name__}: {e}"[:600])
                     continue

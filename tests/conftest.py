@@ -101,6 +101,9 @@ def make_tiny_llm(smollm2_tokenizer):
         kwargs.setdefault("max_num_seqs", 8)
         kwargs.setdefault("max_num_batched_tokens", 64)
         kwargs.setdefault("dtype", "float32")  # "auto" is bfloat16 on accelerators
+        # Short pages, so that the tests' short prompts cross page edges, share prefixes page
+        # by page and run out of pages (the real-model tests keep the default, 64 on CPU).
+        kwargs.setdefault("page_size", 16)
         return LLM.from_params(cfg, params, smollm2_tokenizer, **kwargs)
 
     return make

@@ -7,11 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.attention import AttentionMetadata, xla_paged_attention
+from jinfer import attention
+from jinfer.attention import AttentionMetadata
 from jinfer.batch_layout import align, place, region_a
-from jinfer.kv_cache import BF16_BITS, write
+from jinfer.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
 
 PAGE = 4
+
+
+def xla_paged_attention(q, k_pages, v_pages, meta, **kw):
+    """The XLA path over pools built here in the "token" layout [P, Z, K, H], which the test
+    cases index by page and slot; the path reads the "head" layout (kv_cache.py)."""
+    k_pages, v_pages = to_layout(k_pages, "head", "k"), to_layout(v_pages, "head", "v")
+    return attention.xla_paged_attention(q, k_pages, v_pages, meta, **kw)
 
 
 def _dense_reference(q, k_seq, v_seq, positions, window, softcap):
@@ -82,7 +90,6 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
-        kv_block=8,
     )
     got = xla_paged_attention(
         jnp.asarray(q),
@@ -99,13 +106,13 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
 
 @pytest.mark.parametrize("num_decodes", [1, 2, 64])
 @pytest.mark.parametrize("window", [None, 40])
-def test_decodes_over_several_key_blocks_match_dense_reference(num_decodes, window):
-    """Decodes only, at contexts of several key blocks: one or two tokens step through blocks
-    of 2 x token_kv_block, 64 tokens through 8 groups in 2 independent loops."""
+def test_decodes_over_many_pages_match_dense_reference(num_decodes, window):
+    """Decodes only, at contexts of many pages (one key step each): 64 tokens go through 8
+    groups in 2 independent loops."""
     rng = np.random.default_rng(num_decodes + (window or 0))
-    kv_heads, gqa, head_dim, block = 2, 3, 8, 8  # token_kv_block 8: one or two tokens take 16
-    lengths = rng.integers(1, 6 * block, num_decodes)
-    lengths[0] = 4 * block + 1  # just past a block edge at either block size
+    kv_heads, gqa, head_dim = 2, 3, 8
+    lengths = rng.integers(1, 12 * PAGE, num_decodes)
+    lengths[0] = 8 * PAGE + 1  # just past a page edge
     max_pages = -(-int(lengths.max()) // PAGE)
     num_pages = num_decodes * max_pages + 1
     k_pages = rng.standard_normal((num_pages, PAGE, kv_heads, head_dim)).astype(np.float32)
@@ -127,7 +134,6 @@ def test_decodes_over_several_key_blocks_match_dense_reference(num_decodes, wind
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
-        token_kv_block=block,
     )
     q = rng.standard_normal((num_decodes, kv_heads * gqa, head_dim)).astype(np.float32)
     got = xla_paged_attention(
@@ -228,7 +234,6 @@ def test_prefill_query_blocks_match_dense_reference(
         seq_ids=jnp.asarray(seq_ids),
         slot_mapping=_slots(tables, seq_ids, positions, real),
         block_tables=jnp.asarray(tables),
-        kv_block=8,
         block_rows=jnp.asarray(placement.block_rows),
         block_lens=jnp.asarray(placement.block_lens),
         query_block=bq,
@@ -260,9 +265,26 @@ def test_a_pool_of_bfloat16_bits_reads_exactly_as_its_float32_values():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # Writes round to bfloat16 and store the bits.
     new = jnp.asarray(rng.standard_normal((3, 2, 8)).astype(np.float32))
-    written = write(bits, new, meta.slot_mapping)
+    written = write(bits, new, meta.slot_mapping, "token", "k")
     assert written.dtype == BF16_BITS
     back = jax.lax.bitcast_convert_type(written, jnp.bfloat16)[
         meta.slot_mapping // PAGE, meta.slot_mapping % PAGE
     ]
     np.testing.assert_array_equal(np.asarray(back), np.asarray(new.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_write_puts_each_token_in_its_slot_in_either_layout(layout, role):
+    """A token's keys (values) land at [page, offset] of the pool in either layout, and nothing
+    else changes; slots past the pool (mode="drop") write nothing."""
+    rng = np.random.default_rng(7)
+    pages = rng.standard_normal((5, PAGE, 2, 8)).astype(np.float32)  # [P, Z, K, H]
+    slots = np.array([1 * PAGE + 3, 4 * PAGE, 2 * PAGE + 1, 5 * PAGE + 2], np.int32)  # last: out
+    new = rng.standard_normal((4, 2, 8)).astype(np.float32)  # [T, K, H]
+    want = pages.copy()
+    for t, slot in enumerate(slots[:3]):
+        want[slot // PAGE, slot % PAGE] = new[t]
+    pool = to_layout(jnp.asarray(pages), layout, role)
+    got = write(pool, jnp.asarray(new), jnp.asarray(slots), layout, role)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(to_layout(want, layout, role)))

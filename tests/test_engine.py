@@ -317,3 +317,25 @@ def test_bad_kv_cache_dtypes_are_named(make_tiny_llm):
         make_tiny_llm(kv_cache_dtype="int8", warmup=False)
     with pytest.raises(ValueError, match="only attention_backend='xla'"):
         make_tiny_llm(kv_cache_dtype="bfloat16", attention_backend="pallas", warmup=False)
+
+
+@pytest.mark.parametrize(
+    "backend, layout, page_size",
+    [("xla", "token", 64), ("pallas", "head", 16), ("xla", "head", 16)],
+)
+def test_a_cache_the_attention_backend_cannot_read_is_refused(
+    smollm2_tokenizer, backend, layout, page_size
+):
+    """The XLA path reads the "head" layout, the Pallas kernels the "token" one (kv_cache.py),
+    and the pages must be the configured size: anything else is a clear error at start-up,
+    not a shape error inside the first step."""
+    from conftest import tiny_config
+
+    from jinfer.engine import Engine, EngineConfig
+    from jinfer.kv_cache import init_cache
+
+    cfg = tiny_config()
+    config = EngineConfig(max_model_len=128, attention_backend=backend, page_size=64)
+    cache = init_cache(cfg, 8, page_size, layout=layout)
+    with pytest.raises(ValueError, match=f"{page_size}-token pages in the '{layout}' layout"):
+        Engine(cfg, None, cache, smollm2_tokenizer, config)

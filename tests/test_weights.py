@@ -28,8 +28,7 @@ from jinfer.weights import WeightsError, load_orbax, load_weights, save_orbax
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 20  # longer than the Gemma sliding window below
-PAGE_SIZE = 4
-KV_BLOCK = 8  # several key blocks per sequence: the online softmax and window bounds matter
+PAGE_SIZE = 4  # several pages (key steps) per sequence: the online softmax and window matter
 ATOL = 1e-4
 TINY = dict(
     vocab_size=128,
@@ -58,7 +57,6 @@ def jinfer_logits(cfg: ModelConfig, params: Params, tokens: np.ndarray) -> np.nd
         seq_ids=np.zeros(t, np.int32),
         slot_mapping=pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE,
         block_tables=pages[None, :],
-        kv_block=KV_BLOCK,
     )
     cache = init_cache(cfg, num_pages + 1, PAGE_SIZE)
     params = jax.tree_util.tree_map(jnp.asarray, params)
