@@ -10,7 +10,7 @@ import pytest
 
 from jinfer import SamplingParams
 
-PAGE = 16  # the engine's default page size
+PAGE = 16  # make_tiny_llm's page size
 LOGPROB_TOL = 1e-5
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
 
@@ -227,7 +227,12 @@ def test_second_chat_turn_on_a_real_model_hits_the_cache_and_matches_cache_off(
     )
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
     conv = [
-        {"role": "system", "content": "You are a terse assistant. Answer in one sentence."},
+        {
+            "role": "system",
+            "content": "You are a terse assistant for engineers who run language model servers "
+            "in production. Answer every question in one sentence, without lists, headings or "
+            "code, and say so plainly when you do not know.",
+        },
         {"role": "user", "content": "What does a prefix cache in an LLM server store?"},
     ]
     first = on.chat(conv, params, use_tqdm=False)[0]
@@ -237,9 +242,10 @@ def test_second_chat_turn_on_a_real_model_hits_the_cache_and_matches_cache_off(
     ]
     second_on = on.chat(conv, params, use_tqdm=False)
     second_off = off.chat(conv, params, use_tqdm=False)
-    assert second_on[0].num_cached_tokens >= len(first.prompt_token_ids) // PAGE * PAGE > 0
+    page = on.engine.config.page_size  # the default: 64 for the XLA attention
+    assert second_on[0].num_cached_tokens >= len(first.prompt_token_ids) // page * page > 0
     assert second_off[0].num_cached_tokens == 0
-    # 30 float32 layers: starting the prefill at token 48 instead of 0 changes the chunk
+    # 30 float32 layers: starting the prefill at a page edge instead of 0 changes the chunk
     # boundaries, hence the matmul shapes, which moves logprobs by ~1e-5 (measured 1.0e-5).
     _assert_same_outputs(second_on, second_off, tol=1e-4)
     on.engine.check_invariants()
