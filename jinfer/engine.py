@@ -94,6 +94,9 @@ class EngineStats:
     # Prefix cache, in tokens, counted at each admission (vllm:prefix_cache_queries / _hits).
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # (bucket, "prefill" | "decode") -> [steps, runner seconds, real tokens]: where step time
+    # goes by compiled program ("prefill": the step runs some prompt tokens).
+    steps_by_bucket: dict[tuple[int, str], list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def host_time(self) -> float:
@@ -262,6 +265,11 @@ class Engine:
         self.scheduler.on_step_done(plan)
         self.stats.num_steps += 1
         self.stats.device_time += result.device_time
+        kind = "prefill" if any(n > 1 for _, n in plan.scheduled) else "decode"
+        tally = self.stats.steps_by_bucket.setdefault((result.bucket, kind), [0, 0.0, 0])
+        tally[0] += 1
+        tally[1] += result.host_time + result.device_time
+        tally[2] += plan.num_tokens
         touched = self._postprocess(result)
         return [self._output(req) for req in touched if req.finished or not finished_only]
 

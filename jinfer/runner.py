@@ -137,6 +137,7 @@ class StepResult:
     top_logprobs: np.ndarray | None
     host_time: float  # seconds building inputs and dispatching the step (the device idles)
     device_time: float  # seconds then blocked until the results reached the host
+    bucket: int = 0  # tokens the step's program ran, padding included
 
 
 def sampling_batch(seqs: list[Sequence], rows: int, history_len: int) -> tuple[SamplingBatch, bool]:
@@ -359,7 +360,8 @@ class ModelRunner:
         if want_logprobs:
             top_ids = np.ascontiguousarray(host[:, 2 : 2 + MAX_LOGPROBS]).view(np.int32)
             top_lps = np.ascontiguousarray(host[:, 2 + MAX_LOGPROBS :])
-        return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t1 - t0, t2 - t1)
+        bucket = len(inputs[0])
+        return StepResult(sampled, tokens, logprobs, top_ids, top_lps, t1 - t0, t2 - t1, bucket)
 
     def _run(
         self,

@@ -126,10 +126,15 @@ def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     stats = llm.engine.stats
     step0, dev0 = stats.step_time, stats.device_time
+    by_bucket0 = {key: list(tally) for key, tally in stats.steps_by_bucket.items()}
     compiles0 = llm.engine.num_compiles
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
+    steps = {  # this workload's steps only, by (bucket, kind): [steps, seconds, tokens]
+        key: [a - b for a, b in zip(tally, by_bucket0.get(key, [0, 0.0, 0]), strict=True)]
+        for key, tally in stats.steps_by_bucket.items()
+    }
     got = sum(len(o.outputs[0].token_ids) for o in outs)
     assert got == work.num_output_tokens, (got, work.num_output_tokens)
     step, dev = stats.step_time - step0, stats.device_time - dev0
@@ -142,7 +147,23 @@ def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
         "single_stream_tok_s": decode_rate(llm, 1, 128, 32),
         "host_fraction": (step - dev) / step if step else 0.0,
         "compiles_after_warmup": llm.engine.num_compiles - compiles0,  # should stay 0
+        "steps": {key: tally for key, tally in steps.items() if tally[0]},
     }
+
+
+def print_steps(rounds: list[dict]) -> None:
+    """jinfer's step time by compiled program (bucket) and kind, over every round."""
+    total: dict[tuple[int, str], list[float]] = {}
+    for steps in rounds:
+        for key, tally in steps.items():
+            acc = total.setdefault(key, [0, 0.0, 0])
+            for i, x in enumerate(tally):
+                acc[i] += x
+    print("\njinfer steps by bucket (all rounds)")
+    print("| bucket | kind | steps | seconds | ms / step | real tokens / step |")
+    print("|---|---|---|---|---|---|")
+    for (bucket, kind), (n, sec, tokens) in sorted(total.items()):
+        print(f"| {bucket} | {kind} | {n} | {sec:.2f} | {1e3 * sec / n:.1f} | {tokens / n:.1f} |")
 
 
 def load_hf(path: str | None, cfg: ModelConfig, device: str, dtype_name: str):
@@ -322,6 +343,7 @@ def main() -> None:
         help="run every engine N times, interleaved, and report medians (and the output range)",
     )
     ap.add_argument("--small", action="store_true", help="a quick smoke run (8 prompts, short)")
+    ap.add_argument("--steps", action="store_true", help="jinfer's step time by bucket")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
     if args.repeat < 1:
@@ -406,8 +428,11 @@ def main() -> None:
         for engine, run in engines.items():
             runs[engine].append(run())
             log.info("%s, round %d: %s", engine, r + 1, runs[engine][-1])
+    step_rounds = [r.pop("steps") for r in runs["jinfer"]]
     results = {engine: summarize(rs) for engine, rs in runs.items()}
     print_table(name, results, floors, ceilings, work)
+    if args.steps:
+        print_steps(step_rounds)
     if args.json:
         with open(args.json, "a") as f:
             row = dict(bench="offline", model=name, workload=args.workload, dtype=dtype_name,

@@ -339,3 +339,26 @@ def test_a_cache_the_attention_backend_cannot_read_is_refused(
     cache = init_cache(cfg, 8, page_size, layout=layout)
     with pytest.raises(ValueError, match=f"{page_size}-token pages in the '{layout}' layout"):
         Engine(cfg, None, cache, smollm2_tokenizer, config)
+
+
+def test_step_time_is_tallied_by_bucket_and_kind(make_tiny_llm):
+    """EngineStats.steps_by_bucket (bench_offline.py --steps): every step lands under the bucket
+    it ran in, prefill or decode, with the tokens it scheduled."""
+    llm = make_tiny_llm("llama", enable_prefix_caching=False)
+    prompts = _prompts([40, 7, 23])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.engine.stats
+    tallies = stats.steps_by_bucket
+    assert {kind for _, kind in tallies} == {"prefill", "decode"}
+    assert {bucket for bucket, _ in tallies} <= set(llm.engine.runner.buckets)
+    assert sum(n for n, _, _ in tallies.values()) == stats.num_steps
+    assert all(seconds > 0 for _, seconds, _ in tallies.values())
+    # Every prompt token once, every output token but the last fed back once.
+    tokens = sum(t for _, _, t in tallies.values())
+    assert tokens == stats.num_prompt_tokens + stats.num_generated_tokens - len(prompts)
+    # A decode step schedules one token per request, never more than its bucket holds.
+    for (bucket, kind), (n, _, t) in tallies.items():
+        assert t <= n * bucket
+        if kind == "decode":
+            assert t <= n * len(prompts)
