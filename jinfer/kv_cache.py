@@ -76,7 +76,7 @@ class KVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1 if self.layout == "token" else 3]
+        return self.k[0].shape[role_axes(self.layout, "k").index("Z")]
 
 
 # Each layout's axes of the k and v pools, by name: Z token slots, K kv heads, H head width.
@@ -90,6 +90,11 @@ def pool_axes(layout: str) -> tuple[str, str]:
     return _AXES[layout]
 
 
+def role_axes(layout: str, role: str) -> str:
+    """The axis letters of the keys' (`role` "k") or values' ("v") pool in `layout`."""
+    return pool_axes(layout)[0 if role == "k" else 1]
+
+
 def pool_shapes(
     cfg: ModelConfig, num_pages: int, page_size: int, layout: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -101,7 +106,7 @@ def pool_shapes(
 
 def to_layout(pages: jax.Array, layout: str, role: str) -> jax.Array:
     """A [P, Z, K, H] ("token" layout) pool of keys (`role` "k") or values ("v") in `layout`."""
-    axes = pool_axes(layout)[0 if role == "k" else 1]
+    axes = role_axes(layout, role)
     return jnp.transpose(pages, ["PZKH".index(a) for a in axes])
 
 
@@ -157,7 +162,7 @@ def write(
     role: str,  # "k" or "v": which of the layout's two pools `pages` is
 ) -> jax.Array:
     """Writes one layer's new keys (or values) into their slots; returns the updated pool."""
-    axes = pool_axes(layout)[0 if role == "k" else 1]
+    axes = role_axes(layout, role)
     page_size = pages.shape[axes.index("Z")]
     if pages.dtype == BF16_BITS:
         new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BF16_BITS)

@@ -21,7 +21,7 @@ from jinfer import registry
 from jinfer.compile_cache import bound_compiled_programs, enable_persistent_cache
 from jinfer.config import ModelConfig
 from jinfer.engine import Engine, EngineConfig
-from jinfer.kv_cache import default_page_size, init_cache, layout_for, storage_dtype
+from jinfer.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.outputs import RequestOutput
 from jinfer.params import Params
 from jinfer.sampling_params import SamplingParams
@@ -160,8 +160,6 @@ class LLM:
         )
         self.dtype = resolve_dtype(dtype)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, attention_backend)
-        if page_size is None:
-            page_size = default_page_size(attention_backend)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
         config = EngineConfig(
@@ -178,9 +176,10 @@ class LLM:
         )
         pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
         layout = layout_for(attention_backend)
-        sharding = cache_sharding(cfg, self.mesh, pages, page_size, layout)
+        # EngineConfig resolves page_size=None to the backend's default.
+        sharding = cache_sharding(cfg, self.mesh, pages, config.page_size, layout)
         stored = storage_dtype(self.kv_cache_dtype, attention_backend)
-        cache = init_cache(cfg, pages, page_size, stored, sharding, layout=layout)
+        cache = init_cache(cfg, pages, config.page_size, stored, sharding, layout=layout)
         self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()
