@@ -46,7 +46,7 @@ def default_page_size(attention_backend: str) -> int:
     step costs a dozen small kernels, so its pages are long: 32 decodes, ms per layer at a 160 /
     600-token context, pages of 16: 2.7 / 11.5, 32: 1.9 / 9.4, 64: 1.5 / 5.7, 128: 1.8 / 4.7
     (CPU, SmolLM2 heads). The Pallas kernels copy pages into blocks of their own size
-    (`pallas_kernels/block_sizes.py`)."""
+    (`pallas_kernels/attention/block_sizes.py`)."""
     return 64 if layout_for(attention_backend) == "head" else 16
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.attention import AttentionMetadata
-from pallas_kernels import decode_gpu, ragged_gpu, ragged_tpu
+from pallas_kernels.attention import decode_gpu, ragged_gpu, ragged_tpu
 
 
 def ragged_layout(meta: AttentionMetadata) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -1,11 +1,4 @@
-"""Pallas paged-attention kernels: GPU (Triton lowering) and TPU (Mosaic), each beside the
-pure-JAX reference of `reference.py`, `interpret` threaded through for CPU tests.
+"""Pallas kernels, one folder per kind of operation; they know nothing of the engine.
 
-    ragged_gpu.py   mixed prefill + decode steps on NVIDIA GPUs
-    decode_gpu.py   decode-only steps on NVIDIA GPUs (split-K)
-    ragged_tpu.py   every step on TPUs
-    schedule.py     the ragged kernels' work list; block_sizes.py: tile sizes and why
-
-The kernels know nothing of the engine: they take query runs (`cu_q_lens`), KV lengths and page
-lists. `jinfer/pallas_attention.py` adapts the engine's batch to them.
+attention/   paged attention: ragged and decode kernels for GPU and TPU, with references
 """

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 from paged_cases import assert_close, edge_lengths, make_case
 
-from pallas_kernels import ragged_gpu
-from pallas_kernels.block_sizes import GpuBlocks, gpu_blocks
+from pallas_kernels.attention import ragged_gpu
+from pallas_kernels.attention.block_sizes import GpuBlocks, gpu_blocks
 
 PAGE = 4
 # On a GPU machine (scripts/gpu_check.sh) the same cases run the compiled kernels.

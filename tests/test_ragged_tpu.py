@@ -10,7 +10,7 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # races_foun
 from jax.experimental.pallas import tpu as pltpu
 from paged_cases import assert_close, edge_lengths, make_case
 
-from pallas_kernels import ragged_tpu
+from pallas_kernels.attention import ragged_tpu
 
 PAGE = 4
 

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sizes import GpuBlocks, gpu_blocks
-from pallas_kernels.reference import NEG_INF, ragged_paged_attention_reference
-from pallas_kernels.schedule import query_blocks
+from pallas_kernels.attention.block_sizes import GpuBlocks, gpu_blocks
+from pallas_kernels.attention.reference import NEG_INF, ragged_paged_attention_reference
+from pallas_kernels.attention.schedule import query_blocks
 
 reference = ragged_paged_attention_reference
 

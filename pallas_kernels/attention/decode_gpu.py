@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sizes import GpuBlocks, decode_splits, gpu_blocks
-from pallas_kernels.ragged_gpu import check_shapes, online_softmax_step
-from pallas_kernels.reference import NEG_INF, decode_paged_attention_reference
+from pallas_kernels.attention.block_sizes import GpuBlocks, decode_splits, gpu_blocks
+from pallas_kernels.attention.ragged_gpu import check_shapes, online_softmax_step
+from pallas_kernels.attention.reference import NEG_INF, decode_paged_attention_reference
 
 reference = decode_paged_attention_reference
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sizes import tpu_pages_per_block
-from pallas_kernels.reference import NEG_INF, ragged_paged_attention_reference
+from pallas_kernels.attention.block_sizes import tpu_pages_per_block
+from pallas_kernels.attention.reference import NEG_INF, ragged_paged_attention_reference
 
 reference = ragged_paged_attention_reference
 
