@@ -16,7 +16,7 @@ import numpy as np
 
 from jinfer import batch_layout
 from jinfer.block_manager import BlockManager
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.params import Params

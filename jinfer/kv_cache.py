@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 
 SCRATCH_PAGE = 0
 

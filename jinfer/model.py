@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jinfer import kv_cache
 from jinfer.attention import AttentionMetadata, paged_attention
-from jinfer.config import LayerKind, ModelConfig, RopeScaling
+from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
 from jinfer.kv_cache import KVCache
 from jinfer.params import LayerParams, Params
 

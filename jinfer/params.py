@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 
 Axes = tuple[str | None, ...]
 

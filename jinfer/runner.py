@@ -28,7 +28,7 @@ import numpy as np
 from jinfer import batch_layout, model, packing
 from jinfer.attention import AttentionMetadata
 from jinfer.batch_layout import Placement, place, region_a, token_buckets
-from jinfer.config import LayerKind, ModelConfig
+from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
 from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed

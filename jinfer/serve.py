@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from jinfer.engine_args import add_engine_args, check_engine_args, engine_options
+from jinfer.config.cli import add_engine_args, check_engine_args, engine_options
 from jinfer.llm import LLM
 
 log = logging.getLogger("jinfer.serve")

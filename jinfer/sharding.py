@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import kv_cache
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.params import Params, map_specs, param_specs
 
 log = logging.getLogger(__name__)

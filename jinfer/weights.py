@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jinfer import gguf_file
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.params import LayerParams, Params, check_shapes
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ import numpy as np
 from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, read_bandwidth
 
 from jinfer import LLM, SamplingParams, registry
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.llm import DTYPES
 from jinfer.runner import COMPILE_UNITS
 

@@ -22,7 +22,7 @@ from _bench_util import copy_bandwidth
 
 from jinfer import model
 from jinfer.attention import AttentionMetadata
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import default_page_size, init_cache, layout_for
 from jinfer.params import init_params
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jinfer import registry
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.params import Params
 from jinfer.tokenizer import load_tokenizer
 from jinfer.weights import CONFIG_FILE, load_weights, save_orbax

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import jinfer
-from jinfer.engine_args import add_engine_args, check_engine_args, engine_options
+from jinfer.config.cli import add_engine_args, check_engine_args, engine_options
 
 log = logging.getLogger("generate")
 

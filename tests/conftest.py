@@ -60,7 +60,7 @@ def smollm2_tokenizer(request):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 49152):
     """A 2-layer model with real-model features, small enough to compile in seconds."""
-    from jinfer.config import ModelConfig
+    from jinfer.config.model import ModelConfig
 
     common = dict(
         vocab_size=vocab_size,

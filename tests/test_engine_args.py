@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from jinfer.engine_args import OPTIONS, add_engine_args, check_engine_args, engine_options
+from jinfer.config.cli import OPTIONS, add_engine_args, check_engine_args, engine_options
 from jinfer.llm import LLM
 
 

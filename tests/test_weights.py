@@ -21,7 +21,7 @@ import pytest
 
 from jinfer import model, registry
 from jinfer.attention import AttentionMetadata
-from jinfer.config import ModelConfig
+from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import init_cache
 from jinfer.params import Params, init_params
 from jinfer.weights import WeightsError, load_orbax, load_weights, save_orbax
