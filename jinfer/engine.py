@@ -24,7 +24,7 @@ from jinfer.runner import ModelRunner, StepResult, num_compiles
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler import Scheduler, SchedulerConfig
 from jinfer.sequence import Sequence, Status
-from jinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

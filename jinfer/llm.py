@@ -26,7 +26,7 @@ from jinfer.outputs import RequestOutput
 from jinfer.params import Params
 from jinfer.sampling_params import SamplingParams
 from jinfer.sharding import cache_sharding, make_mesh, place_params
-from jinfer.tokenizer import Tokenizer, load_tokenizer
+from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from jinfer.weights import load_weights
 
 log = logging.getLogger(__name__)

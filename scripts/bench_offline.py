@@ -352,7 +352,7 @@ def main() -> None:
 
     from jinfer.llm import resolve_dtype
     from jinfer.params import init_params
-    from jinfer.tokenizer import load_tokenizer
+    from jinfer.tokenizer.tokenizer import load_tokenizer
     from jinfer.weights import load_weights
 
     on_cpu = jax.default_backend() == "cpu"

@@ -26,7 +26,7 @@ import time
 
 from jinfer import LLM, SamplingParams
 from jinfer.engine import Engine
-from jinfer.tokenizer import Tokenizer
+from jinfer.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("bench_prefix_cache")
 

@@ -34,7 +34,7 @@ import numpy as np
 from jinfer import registry
 from jinfer.config.model import ModelConfig
 from jinfer.params import Params
-from jinfer.tokenizer import load_tokenizer
+from jinfer.tokenizer.tokenizer import load_tokenizer
 from jinfer.weights import CONFIG_FILE, load_weights, save_orbax
 
 log = logging.getLogger("convert_checkpoint")

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from jinfer import registry
-from jinfer.tokenizer import load_tokenizer
+from jinfer.tokenizer.tokenizer import load_tokenizer
 
 log = logging.getLogger("make_gpu_kit")
 

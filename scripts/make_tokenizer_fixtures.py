@@ -3,7 +3,7 @@
 Loading the Gemma tokenizer from its GGUF file through ``transformers`` takes tens of seconds (it
 rebuilds the merges from the 262k-entry vocabulary), too slow for every test run. This script runs
 it once and writes ``tests/fixtures/tokenizer_gemma3-270m.json``, which ``tests/test_tokenizer.py``
-compares ``jinfer.tokenizer`` against.
+compares ``jinfer.tokenizer.tokenizer`` against.
 
 The texts are ``SAMPLE_TEXTS`` from ``tests/test_tokenizer.py`` (read with ``ast``, without
 importing the test module), so the fixture and the test cannot drift apart silently.

@@ -50,7 +50,7 @@ def smollm2_tokenizer(request):
     $JINFER_SMOLLM2_TOKENIZER where the 98 MB file cannot go (the GPU machine)."""
     import os
 
-    from jinfer.tokenizer import load_tokenizer
+    from jinfer.tokenizer.tokenizer import load_tokenizer
 
     directory = os.environ.get("JINFER_SMOLLM2_TOKENIZER")
     if directory:

@@ -21,7 +21,7 @@ sys.path.insert(0, {str(TESTS)!r})
 from conftest import tiny_config
 from jinfer import LLM
 from jinfer.params import init_params
-from jinfer.tokenizer import load_tokenizer
+from jinfer.tokenizer.tokenizer import load_tokenizer
 cfg = tiny_config()
 LLM.from_params(cfg, init_params(cfg, seed=0), load_tokenizer(sys.argv[1]),
                 max_num_batched_tokens=16, max_num_seqs=4)

@@ -11,7 +11,7 @@ from jinfer import LLM, SamplingParams, registry
 from jinfer.attention import AttentionMetadata
 from jinfer.llm import resolve_attention_backend
 from jinfer.pallas_attention import ragged_layout
-from jinfer.tokenizer import load_tokenizer
+from jinfer.tokenizer.tokenizer import load_tokenizer
 from jinfer.weights import load_weights
 
 

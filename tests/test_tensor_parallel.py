@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, "tests")
     from conftest import tiny_config
     from jinfer.params import init_params
-    from jinfer.tokenizer import load_tokenizer
+    from jinfer.tokenizer.tokenizer import load_tokenizer
     from jinfer.registry import resolve_model
 
     model = sys.argv[1]

@@ -1,4 +1,4 @@
-"""Tests for jinfer.tokenizer against Hugging Face transformers' own GGUF tokenizers.
+"""Tests for jinfer.tokenizer.tokenizer against Hugging Face transformers' own GGUF tokenizers.
 
 SmolLM2's reference comes from transformers live (a few seconds). Gemma's takes much longer to
 build, so it is recorded once by ``scripts/make_tokenizer_fixtures.py`` into
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jinfer.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 # Also read (with ast) by scripts/make_tokenizer_fixtures.py: rerun it after editing this list.
 SAMPLE_TEXTS = [

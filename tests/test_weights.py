@@ -279,7 +279,7 @@ def _convert_script():
 
 @pytest.mark.slow
 def test_convert_named_model_round_trip(smollm2_gguf_path: str, tmp_path: Path) -> None:
-    from jinfer.tokenizer import load_tokenizer
+    from jinfer.tokenizer.tokenizer import load_tokenizer
 
     out = tmp_path / "smollm2"
     result = _convert_script().convert("smollm2-135m-instruct", out)

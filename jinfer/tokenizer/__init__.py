@@ -1,0 +1,1 @@
+"""Text <-> token ids: the `Tokenizer` facade and its backends, chat templates."""
