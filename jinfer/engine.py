@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 
 from jinfer import batch_layout
-from jinfer.block_manager import BlockManager
 from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.params import Params
 from jinfer.runner import ModelRunner, StepResult, num_compiles
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Scheduler, SchedulerConfig
-from jinfer.sequence import Sequence, Status
+from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
+from jinfer.scheduler.sequence import Sequence, Status
 from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
 from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
 from jinfer.sampling_params import MAX_LOGPROBS
-from jinfer.scheduler import StepPlan
-from jinfer.sequence import Sequence
+from jinfer.scheduler.scheduler import StepPlan
+from jinfer.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from jinfer.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache
 from jinfer.runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
-from jinfer.scheduler import StepPlan
+from jinfer.scheduler.scheduler import StepPlan
 
 
 class EchoRunner:

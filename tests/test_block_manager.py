@@ -6,9 +6,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from jinfer.block_manager import BlockManager
 from jinfer.sampling_params import SamplingParams
-from jinfer.sequence import Sequence
+from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.sequence import Sequence
 
 ops = st.lists(
     st.tuples(

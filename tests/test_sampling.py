@@ -8,7 +8,7 @@ import pytest
 from jinfer.runner import sampling_batch
 from jinfer.sampling import argmax, sample
 from jinfer.sampling_params import SamplingParams
-from jinfer.sequence import Sequence
+from jinfer.scheduler.sequence import Sequence
 
 V = 50
 

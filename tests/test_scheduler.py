@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jinfer.batch_layout import place, prefill_granularity, region_a, token_buckets
-from jinfer.block_manager import BlockManager
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Scheduler, SchedulerConfig
-from jinfer.sequence import Sequence
+from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
+from jinfer.scheduler.sequence import Sequence
 
 
 def _seq(i: int, prompt_len: int, max_tokens: int) -> Sequence:

@@ -29,8 +29,8 @@ from collections.abc import Sequence as Pages
 import numpy as np
 
 from jinfer.kv_cache import SCRATCH_PAGE
-from jinfer.prefix_cache import PrefixCache, extend_page_keys
-from jinfer.sequence import Sequence
+from jinfer.scheduler.prefix_cache import PrefixCache, extend_page_keys
+from jinfer.scheduler.sequence import Sequence
 
 
 class BlockManager:

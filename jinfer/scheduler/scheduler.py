@@ -10,8 +10,8 @@ import dataclasses
 import logging
 from collections import deque
 
-from jinfer.block_manager import BlockManager
-from jinfer.sequence import Sequence, Status
+from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 
