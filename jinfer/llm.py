@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jinfer import registry
 from jinfer.compile_cache import bound_compiled_programs, enable_persistent_cache
 from jinfer.config.model import ModelConfig
-from jinfer.engine import Engine, EngineConfig
+from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.outputs import RequestOutput
 from jinfer.params import Params

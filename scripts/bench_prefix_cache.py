@@ -25,7 +25,7 @@ import random
 import time
 
 from jinfer import LLM, SamplingParams
-from jinfer.engine import Engine
+from jinfer.engine.engine import Engine
 from jinfer.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("bench_prefix_cache")

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import uvicorn
 
-from jinfer.engine import Engine, EngineConfig
+from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache
 from jinfer.runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS

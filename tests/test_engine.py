@@ -331,7 +331,7 @@ def test_a_cache_the_attention_backend_cannot_read_is_refused(
     not a shape error inside the first step."""
     from conftest import tiny_config
 
-    from jinfer.engine import Engine, EngineConfig
+    from jinfer.engine.engine import Engine, EngineConfig
     from jinfer.kv_cache import init_cache
 
     cfg = tiny_config()

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jinfer
+from jinfer.engine.async_engine import AsyncEngine
 from jinfer.server import protocol as P
-from jinfer.server.async_engine import AsyncEngine
 from jinfer.server.errors import APIError, bad_request, validation_error
 from jinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from jinfer.server.serving import ClientGone, Serving

@@ -20,15 +20,15 @@ from typing import Any
 
 from fastapi import Request
 
-from jinfer.outputs import CompletionOutput, RequestOutput
-from jinfer.sampling_params import SamplingParams
-from jinfer.server import protocol as P
-from jinfer.server.async_engine import (
+from jinfer.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
     QueueFullError,
     ShuttingDownError,
 )
+from jinfer.outputs import CompletionOutput, RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
