@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import registry
-from jinfer.compile_cache import bound_compiled_programs, enable_persistent_cache
 from jinfer.config.model import ModelConfig
 from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.outputs import RequestOutput
 from jinfer.params import Params
+from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.sampling_params import SamplingParams
 from jinfer.sharding import cache_sharding, make_mesh, place_params
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer

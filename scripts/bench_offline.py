@@ -45,7 +45,7 @@ from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, re
 from jinfer import LLM, SamplingParams, registry
 from jinfer.config.model import ModelConfig
 from jinfer.llm import DTYPES
-from jinfer.runner import COMPILE_UNITS
+from jinfer.runner.model_runner import COMPILE_UNITS
 
 log = logging.getLogger("bench_offline")
 

@@ -14,7 +14,8 @@ import logging
 
 from _bench_util import prefill_rate, random_ids
 
-from jinfer import LLM, batch_layout
+from jinfer import LLM
+from jinfer.runner import buckets
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.query_block is not None:
-        batch_layout.QUERY_BLOCK = args.query_block
+        buckets.QUERY_BLOCK = args.query_block
     llm = LLM(
         args.model,
         max_model_len=args.max_model_len,

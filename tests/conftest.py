@@ -20,7 +20,7 @@ def _bounded_compiled_programs():
     would abort the process (`compile_cache.bound_compiled_programs`). `LLM` checks before it
     compiles; this also checks between tests (kernel tests compile without an `LLM`)."""
     yield
-    from jinfer.compile_cache import bound_compiled_programs
+    from jinfer.runner.compilation import bound_compiled_programs
 
     bound_compiled_programs(headroom=35_000)
 

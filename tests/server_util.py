@@ -20,7 +20,7 @@ import uvicorn
 
 from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache
-from jinfer.runner import StepResult
+from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.scheduler import StepPlan
 

@@ -9,8 +9,8 @@ import pytest
 
 from jinfer import attention
 from jinfer.attention import AttentionMetadata
-from jinfer.batch_layout import align, place, region_a
 from jinfer.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
+from jinfer.runner.buckets import align, place, region_a
 
 PAGE = 4
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jinfer import compile_cache
+from jinfer.runner import compilation
 
 TESTS = Path(__file__).parent
 
@@ -40,14 +40,14 @@ def test_an_engine_fills_the_cache_directory(tmp_path, smollm2_gguf_path):
 
 def test_an_empty_setting_turns_the_cache_off():
     code = (
-        "import jax; from jinfer.compile_cache import enable_persistent_cache as e\n"
+        "import jax; from jinfer.runner.compilation import enable_persistent_cache as e\n"
         "assert e() is None and not jax.config.jax_compilation_cache_dir"
     )
     _run(code, "")
 
 
 def test_compiled_programs_are_dropped_only_near_the_memory_map_limit():
-    maps = compile_cache.memory_maps()
+    maps = compilation.memory_maps()
     if maps is None:
         pytest.skip("no /proc/self/maps here")
     used, limit = maps
@@ -55,7 +55,7 @@ def test_compiled_programs_are_dropped_only_near_the_memory_map_limit():
     f = jax.jit(lambda x: x + 1)
     f(jnp.ones(3))
     assert f._cache_size() == 1
-    assert not compile_cache.bound_compiled_programs(headroom=1)  # plenty left: kept
+    assert not compilation.bound_compiled_programs(headroom=1)  # plenty left: kept
     assert f._cache_size() == 1
-    assert compile_cache.bound_compiled_programs(headroom=limit)  # fewer than `limit` left
+    assert compilation.bound_compiled_programs(headroom=limit)  # fewer than `limit` left
     assert f._cache_size() == 0

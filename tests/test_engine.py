@@ -228,7 +228,7 @@ def test_long_prompt_in_query_blocks_gives_the_per_token_tokens_and_logprobs(
         return _tokens(outs), logprobs
 
     blocked_tokens, blocked_lps = run()
-    monkeypatch.setattr("jinfer.batch_layout.QUERY_BLOCK", 1)  # every token on its own
+    monkeypatch.setattr("jinfer.runner.buckets.QUERY_BLOCK", 1)  # every token on its own
     per_token_tokens, per_token_lps = run()
     assert blocked_tokens == per_token_tokens
     for got_seq, want_seq in zip(blocked_lps, per_token_lps, strict=True):
@@ -280,7 +280,7 @@ def test_layer_programs_give_the_whole_step_programs_tokens_and_logprobs(make_ti
 
 
 def test_compile_unit_auto_is_per_layer_on_cpu_and_a_bad_value_is_named(make_tiny_llm):
-    from jinfer.runner import resolve_compile_unit
+    from jinfer.runner.model_runner import resolve_compile_unit
 
     assert resolve_compile_unit("auto", "cpu") == "layer"
     assert resolve_compile_unit("auto", "gpu") == "step"

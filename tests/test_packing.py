@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jinfer.packing import pack, unpack
+from jinfer.runner.packing import pack, unpack
 
 
 def test_pack_round_trips_every_dtype_and_shape():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jinfer.runner import sampling_batch
+from jinfer.runner.model_runner import sampling_batch
 from jinfer.sampling import argmax, sample
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence

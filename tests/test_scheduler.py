@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jinfer.batch_layout import place, prefill_granularity, region_a, token_buckets
+from jinfer.runner.buckets import place, prefill_granularity, region_a, token_buckets
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig

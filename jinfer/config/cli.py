@@ -12,7 +12,7 @@ from typing import Any
 
 from jinfer.llm import ATTENTION_BACKENDS, DTYPES
 from jinfer.registry import DEFAULT_MODEL
-from jinfer.runner import COMPILE_UNITS
+from jinfer.runner.model_runner import COMPILE_UNITS
 
 # The flags whose values must be whole numbers >= 1 (None, where allowed, means "derive it").
 POSITIVE = (

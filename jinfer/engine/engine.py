@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from jinfer import batch_layout
 from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.params import Params
-from jinfer.runner import ModelRunner, StepResult, num_compiles
+from jinfer.runner import buckets
+from jinfer.runner.model_runner import ModelRunner, StepResult, num_compiles
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -152,7 +152,7 @@ class Engine:
             attention_backend=config.attention_backend,
             compile_unit=config.compile_unit,
         )
-        granularity = batch_layout.prefill_granularity(
+        granularity = buckets.prefill_granularity(
             config.max_num_batched_tokens, config.max_num_seqs, self.runner.query_block
         )
         self.scheduler = Scheduler(

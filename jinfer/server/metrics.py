@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jinfer.outputs import RequestOutput
-from jinfer.runner import num_compiles
+from jinfer.runner.model_runner import num_compiles
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # no `_created` series: vLLM's exposition has none

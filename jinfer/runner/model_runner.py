@@ -2,7 +2,7 @@
 
 Shapes are static per bucket. The flat token batch is padded to the smallest size of the token
 ladder (1, 2, 4, ... on CPU, 8, 16, ... on accelerators, up to max_num_batched_tokens, then the
-blocked top rungs: `batch_layout.py`) that holds the plan's layout: decodes per token in region
+blocked top rungs: `buckets.py`) that holds the plan's layout: decodes per token in region
 A, prefill runs in query blocks. The rows that produce logits are padded to min(bucket,
 max_num_seqs). Padding tokens sit at position 0 of block-table row 0 and write to the scratch
 page. So the compiled programs are one per token bucket (plus the sampler per row bucket), all
@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import batch_layout, model, packing
+from jinfer import model
 from jinfer.attention import AttentionMetadata
-from jinfer.batch_layout import Placement, place, region_a, token_buckets
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.params import Params
+from jinfer.runner import buckets, packing
+from jinfer.runner.buckets import Placement, place, region_a, token_buckets
 from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.scheduler import StepPlan
@@ -222,7 +223,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         attention_backend: str = "xla",
-        query_block: int | None = None,  # Bq; None: batch_layout.QUERY_BLOCK
+        query_block: int | None = None,  # Bq; None: buckets.QUERY_BLOCK
         compile_unit: str = "auto",  # "step" | "layer" | "auto" (see resolve_compile_unit)
     ) -> None:
         self.cfg = cfg
@@ -234,7 +235,7 @@ class ModelRunner:
         self.attention_backend = attention_backend
         # Query blocks are the XLA path's prefill layout; the Pallas kernels take ragged runs.
         if query_block is None:
-            query_block = batch_layout.QUERY_BLOCK
+            query_block = buckets.QUERY_BLOCK
         self.query_block = query_block if attention_backend == "xla" else 1
         platform = next(iter(cache.k[0].devices())).platform
         # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
