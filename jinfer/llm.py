@@ -21,8 +21,8 @@ from jinfer import registry
 from jinfer.config.model import ModelConfig
 from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.kv_cache import init_cache, layout_for, storage_dtype
+from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
-from jinfer.params import Params
 from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.sampling_params import SamplingParams
 from jinfer.sharding import cache_sharding, make_mesh, place_params

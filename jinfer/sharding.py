@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import kv_cache
 from jinfer.config.model import ModelConfig
-from jinfer.params import Params, map_specs, param_specs
+from jinfer.models.params import Params, map_specs, param_specs
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from jinfer import gguf_file
 from jinfer.config.model import ModelConfig
-from jinfer.params import LayerParams, Params, check_shapes
+from jinfer.models.params import LayerParams, Params, check_shapes
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def load_orbax(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     import jax
     import orbax.checkpoint as ocp
 
-    from jinfer.params import map_specs, param_specs
+    from jinfer.models.params import map_specs, param_specs
 
     directory = Path(directory).absolute()
     try:

@@ -351,7 +351,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from jinfer.llm import resolve_dtype
-    from jinfer.params import init_params
+    from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
     from jinfer.weights import load_weights
 

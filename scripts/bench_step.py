@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth
 
-from jinfer import model
 from jinfer.attention import AttentionMetadata
 from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import default_page_size, init_cache, layout_for
-from jinfer.params import init_params
+from jinfer.models import decoder
+from jinfer.models.params import init_params
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -60,7 +60,7 @@ SHAPES = {
 
 
 # The whole step as one jitted program, inputs already on the device (no packing).
-_forward = jax.jit(model.forward, static_argnums=(1,), donate_argnums=(4,))
+_forward = jax.jit(decoder.forward, static_argnums=(1,), donate_argnums=(4,))
 
 
 def bench(

@@ -33,7 +33,7 @@ import numpy as np
 
 from jinfer import registry
 from jinfer.config.model import ModelConfig
-from jinfer.params import Params
+from jinfer.models.params import Params
 from jinfer.tokenizer.tokenizer import load_tokenizer
 from jinfer.weights import CONFIG_FILE, load_weights, save_orbax
 

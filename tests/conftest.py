@@ -92,7 +92,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 49152):
 def make_tiny_llm(smollm2_tokenizer):
     """Builds an LLM over random weights (std 0.2: peaked enough that argmax has no near-ties)."""
     from jinfer import LLM
-    from jinfer.params import init_params
+    from jinfer.models.params import init_params
 
     def make(arch: str = "llama", **kwargs):
         cfg = tiny_config(arch)

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, {str(TESTS)!r})
 from conftest import tiny_config
 from jinfer import LLM
-from jinfer.params import init_params
+from jinfer.models.params import init_params
 from jinfer.tokenizer.tokenizer import load_tokenizer
 cfg = tiny_config()
 LLM.from_params(cfg, init_params(cfg, seed=0), load_tokenizer(sys.argv[1]),

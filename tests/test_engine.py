@@ -66,7 +66,7 @@ def test_warmup_runs_each_layer_program_once_and_still_covers_every_step(smollm2
     from conftest import tiny_config
 
     from jinfer import LLM
-    from jinfer.params import init_params
+    from jinfer.models.params import init_params
 
     cfg = dataclasses.replace(
         tiny_config("gemma3"), num_layers=4, layer_types=("sliding", "sliding", "full", "sliding")

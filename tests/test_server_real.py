@@ -180,7 +180,7 @@ def test_chat_logprobs_are_ranked(client):
 def test_sigterm_during_traffic_exits_zero(tmp_path, smollm2_tokenizer):
     from conftest import tiny_config
 
-    from jinfer.params import init_params
+    from jinfer.models.params import init_params
     from jinfer.weights import save_orbax
 
     cfg = tiny_config()

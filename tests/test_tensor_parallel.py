@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     assert len(jax.devices()) == 8, jax.devices()
     sys.path.insert(0, "tests")
     from conftest import tiny_config
-    from jinfer.params import init_params
+    from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
     from jinfer.registry import resolve_model
 

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer import model, registry
+from jinfer import registry
 from jinfer.attention import AttentionMetadata
 from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import init_cache
-from jinfer.params import Params, init_params
+from jinfer.models import decoder
+from jinfer.models.params import Params, init_params
 from jinfer.weights import WeightsError, load_orbax, load_weights, save_orbax
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ TINY = dict(
 
 
 # ------------------------------------------------------------------------------ helpers
-_forward = jax.jit(model.forward, static_argnums=(1,))
+_forward = jax.jit(decoder.forward, static_argnums=(1,))
 
 
 def jinfer_logits(cfg: ModelConfig, params: Params, tokens: np.ndarray) -> np.ndarray:

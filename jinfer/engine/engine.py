@@ -16,8 +16,8 @@ import numpy as np
 
 from jinfer.config.model import ModelConfig
 from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
+from jinfer.models.params import Params
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jinfer.params import Params
 from jinfer.runner import buckets
 from jinfer.runner.model_runner import ModelRunner, StepResult, num_compiles
 from jinfer.sampling_params import SamplingParams

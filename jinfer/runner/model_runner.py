@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import model
 from jinfer.attention import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.kv_cache import SCRATCH_PAGE, KVCache
-from jinfer.params import Params
+from jinfer.models import decoder
+from jinfer.models.params import Params
 from jinfer.runner import buckets, packing
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
 from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
@@ -72,7 +72,7 @@ num_compiles()  # start counting at import
 # back one [B, 2 + 2 * MAX_LOGPROBS] array (one device-to-host copy).
 def _forward_packed(params, cfg, layout, ibuf, fbuf, cache):
     tokens, meta, logits_idx = packing.unpack(layout, ibuf, fbuf)
-    return model.forward(params, cfg, tokens, meta, cache, logits_idx)
+    return decoder.forward(params, cfg, tokens, meta, cache, logits_idx)
 
 
 def _sample_packed(logits, layout, ibuf, fbuf):
@@ -91,17 +91,17 @@ _sample_step = jax.jit(_sample_packed, static_argnums=(1,))
 # shares it, so warm-up compiles (and a restart loads) ~L times less code.
 def _embed_packed(edge_params, cfg, layout, ibuf, fbuf):
     tokens, _, _ = packing.unpack(layout, ibuf, fbuf)
-    return model.embed(edge_params, cfg, tokens)
+    return decoder.embed(edge_params, cfg, tokens)
 
 
 def _layer_packed(p, cfg, kind, layout, ibuf, fbuf, x, k_pages, v_pages):
     _, meta, _ = packing.unpack(layout, ibuf, fbuf)
-    return model.decoder_layer(cfg, kind, p, x, k_pages, v_pages, meta)
+    return decoder.decoder_layer(cfg, kind, p, x, k_pages, v_pages, meta)
 
 
 def _head_packed(edge_params, cfg, layout, ibuf, fbuf, x):
     _, _, logits_idx = packing.unpack(layout, ibuf, fbuf)
-    return model.logits_head(edge_params, cfg, x, logits_idx)
+    return decoder.logits_head(edge_params, cfg, x, logits_idx)
 
 
 _embed_step = jax.jit(_embed_packed, static_argnums=(1, 2))

@@ -19,7 +19,7 @@ from jinfer import kv_cache
 from jinfer.attention import AttentionMetadata, paged_attention
 from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
 from jinfer.kv_cache import KVCache
-from jinfer.params import LayerParams, Params
+from jinfer.models.params import LayerParams, Params
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
