@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from jinfer import registry
+from jinfer.attention.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.config.model import ModelConfig
 from jinfer.engine.engine import Engine, EngineConfig
-from jinfer.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache

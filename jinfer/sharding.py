@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer import kv_cache
+from jinfer.attention import kv_cache
 from jinfer.config.model import ModelConfig
 from jinfer.models.params import Params, map_specs, param_specs
 

@@ -23,7 +23,7 @@ import numpy as np
 from _bench_util import timed
 
 from jinfer.attention import AttentionMetadata, xla_paged_attention
-from jinfer.kv_cache import default_page_size, to_layout
+from jinfer.attention.kv_cache import default_page_size, to_layout
 
 HEADS = {  # kv heads, query heads per kv head, head_dim
     "smollm2": (3, 3, 64),

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import uvicorn
 
+from jinfer.attention.kv_cache import init_cache
 from jinfer.engine.engine import Engine, EngineConfig
-from jinfer.kv_cache import init_cache
 from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.scheduler import StepPlan

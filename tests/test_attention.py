@@ -9,7 +9,7 @@ import pytest
 
 from jinfer import attention
 from jinfer.attention import AttentionMetadata
-from jinfer.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
+from jinfer.attention.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
 from jinfer.runner.buckets import align, place, region_a
 
 PAGE = 4
@@ -175,7 +175,7 @@ def test_prefill_query_blocks_match_dense_reference(
     hold one request's chunk (the one-gather path); `-long` after a 700-token prefix, so most key
     blocks are seen whole and skip the masks. `bfloat16`: a bf16 query over a pool of bf16 bits,
     which the one-request path multiplies in bf16."""
-    monkeypatch.setattr("jinfer.blocked_attention.BLOCKS_PER_GROUP", 2)
+    monkeypatch.setattr("jinfer.attention.xla_prefill.BLOCKS_PER_GROUP", 2)
     rng = np.random.default_rng(query_block * 1000 + gqa * 100 + (window or 0))
     bq = query_block
     kv_heads, head_dim, num_pages, max_pages = 2, 8, 260, 200

@@ -331,8 +331,8 @@ def test_a_cache_the_attention_backend_cannot_read_is_refused(
     not a shape error inside the first step."""
     from conftest import tiny_config
 
+    from jinfer.attention.kv_cache import init_cache
     from jinfer.engine.engine import Engine, EngineConfig
-    from jinfer.kv_cache import init_cache
 
     cfg = tiny_config()
     config = EngineConfig(max_model_len=128, attention_backend=backend, page_size=64)

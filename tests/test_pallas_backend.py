@@ -9,8 +9,8 @@ import pytest
 
 from jinfer import LLM, SamplingParams, registry
 from jinfer.attention import AttentionMetadata
+from jinfer.attention.pallas import ragged_layout
 from jinfer.llm import resolve_attention_backend
-from jinfer.pallas_attention import ragged_layout
 from jinfer.tokenizer.tokenizer import load_tokenizer
 from jinfer.weights import load_weights
 

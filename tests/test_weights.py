@@ -21,8 +21,8 @@ import pytest
 
 from jinfer import registry
 from jinfer.attention import AttentionMetadata
+from jinfer.attention.kv_cache import init_cache
 from jinfer.config.model import ModelConfig
-from jinfer.kv_cache import init_cache
 from jinfer.models import decoder
 from jinfer.models.params import Params, init_params
 from jinfer.weights import WeightsError, load_orbax, load_weights, save_orbax

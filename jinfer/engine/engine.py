@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from jinfer.attention.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.config.model import ModelConfig
-from jinfer.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
 from jinfer.models.params import Params
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.runner import buckets

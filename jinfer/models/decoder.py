@@ -15,10 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer import kv_cache
-from jinfer.attention import AttentionMetadata, paged_attention
+from jinfer.attention import AttentionMetadata, kv_cache, paged_attention
+from jinfer.attention.kv_cache import KVCache
 from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
-from jinfer.kv_cache import KVCache
 from jinfer.models.params import LayerParams, Params
 
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.attention import AttentionMetadata
+from jinfer.attention.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.config.model import LayerKind, ModelConfig
-from jinfer.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.models import decoder
 from jinfer.models.params import Params
 from jinfer.runner import buckets, packing

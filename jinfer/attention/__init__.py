@@ -30,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jinfer import kv_cache
+from jinfer.attention import kv_cache
 
 NEG_INF = -1e30
 
@@ -68,7 +68,7 @@ def paged_attention(
     if meta.backend == "xla":
         return xla_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
     if meta.backend == "pallas":
-        from jinfer.pallas_attention import pallas_paged_attention
+        from jinfer.attention.pallas import pallas_paged_attention
 
         return pallas_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
     raise ValueError(f"unknown attention backend {meta.backend!r}")
@@ -105,7 +105,7 @@ def xla_paged_attention(
     blocked = meta.num_blocked_tokens
     if blocked == 0:
         return _per_token_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
-    from jinfer.blocked_attention import blocked_paged_attention
+    from jinfer.attention.xla_prefill import blocked_paged_attention
 
     a = q.shape[0] - blocked
     out_b = blocked_paged_attention(

@@ -20,8 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jinfer import kv_cache
-from jinfer.attention import NEG_INF, grouped_map, online_softmax_step
+from jinfer.attention import NEG_INF, grouped_map, kv_cache, online_softmax_step
 
 BIG = 2**30
 
