@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jinfer.runner.model_runner import sampling_batch
-from jinfer.sampling import argmax, sample
+from jinfer.sample.sampler import argmax, sample
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence
 
@@ -156,7 +156,7 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
     # A flat-ish distribution: nucleus and k both exceed 2 candidates, forcing the bisection.
     import jax.numpy as jnp
 
-    from jinfer.sampling import _top_k_top_p_threshold
+    from jinfer.sample.sampler import _top_k_top_p_threshold
 
     rng = np.random.default_rng(top_k)
     scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))

@@ -32,7 +32,7 @@ from jinfer.models import decoder
 from jinfer.models.params import Params
 from jinfer.runner import buckets, packing
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
-from jinfer.sampling import NEG_INF, SamplingBatch, sample, split_seed
+from jinfer.sample.sampler import NEG_INF, SamplingBatch, sample, split_seed
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.scheduler import StepPlan
 from jinfer.scheduler.sequence import Sequence

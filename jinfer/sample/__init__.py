@@ -1,0 +1,1 @@
+"""Sampling: the batched on-device sampler and the batch it reads."""
