@@ -17,17 +17,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer import registry
 from jinfer.attention.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.config.model import ModelConfig
 from jinfer.engine.engine import Engine, EngineConfig
+from jinfer.loader import named_models
+from jinfer.loader.weights import load_weights
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.sampling_params import SamplingParams
 from jinfer.sharding import cache_sharding, make_mesh, place_params
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
-from jinfer.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ class LLM:
     declared once, on `_setup`; an unknown one is a TypeError.
     """
 
-    def __init__(self, model: str = registry.DEFAULT_MODEL, **options: Any) -> None:
+    def __init__(self, model: str = named_models.DEFAULT_MODEL, **options: Any) -> None:
         t0 = time.perf_counter()
-        path = registry.resolve_model(model)
+        path = named_models.resolve_model(model)
         cfg, host_params = load_weights(path)
         self._setup(cfg, host_params, load_tokenizer(str(path)), **options)
         self.load_time = time.perf_counter() - t0 - self.warmup_time

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import registry
+from jinfer.loader import named_models
+from jinfer.loader.weights import load_weights
 from jinfer.models import decoder
-from jinfer.weights import load_weights
 
 
 def shapes(cfg) -> dict[str, tuple[int, int, int]]:
@@ -78,13 +78,13 @@ def torch_rate(rows: int, k: int, n: int, copies: int) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=registry.DEFAULT_MODEL)
+    ap.add_argument("--model", default=named_models.DEFAULT_MODEL)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32, 544])
     ap.add_argument("--copies", type=int, default=8, help="distinct weights per shape")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
     args = ap.parse_args()
-    cfg, _ = load_weights(registry.resolve_model(args.model))
+    cfg, _ = load_weights(named_models.resolve_model(args.model))
     try:
         import torch
 

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, read_bandwidth
 
-from jinfer import LLM, SamplingParams, registry
+from jinfer import LLM, SamplingParams
 from jinfer.config.model import ModelConfig
 from jinfer.llm import DTYPES
+from jinfer.loader import named_models
 from jinfer.runner.model_runner import COMPILE_UNITS
 
 log = logging.getLogger("bench_offline")
@@ -312,7 +313,7 @@ def print_table(name: str, results: dict, floors: dict, ceilings: dict, work: Wo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=registry.DEFAULT_MODEL)
+    ap.add_argument("--model", default=named_models.DEFAULT_MODEL)
     ap.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights")
     ap.add_argument("--tokenizer", help="tokenizer (GGUF or HF dir) for --random-shape")
     ap.add_argument("--workload", default="mixed", choices=["mixed", "uniform"])
@@ -351,9 +352,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from jinfer.llm import resolve_dtype
+    from jinfer.loader.weights import load_weights
     from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
-    from jinfer.weights import load_weights
 
     on_cpu = jax.default_backend() == "cpu"
     dtype_name = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
@@ -367,7 +368,7 @@ def main() -> None:
     )
     path = None
     if args.random_shape:
-        tokenizer = load_tokenizer(args.tokenizer or str(registry.resolve_model(args.model)))
+        tokenizer = load_tokenizer(args.tokenizer or str(named_models.resolve_model(args.model)))
         vocab = tokenizer.vocab_size
         cfg = ModelConfig(arch="llama", vocab_size=vocab, **RANDOM_SHAPES[args.random_shape])
         name = f"{args.random_shape} (random weights, vocab {vocab})"
@@ -375,7 +376,7 @@ def main() -> None:
         llm = LLM.from_params(cfg, params, tokenizer, **options)
         args.peers = [p for p in args.peers if p != "llama.cpp"]
     else:
-        path = str(registry.resolve_model(args.model))
+        path = str(named_models.resolve_model(args.model))
         cfg = load_weights(path)[0]
         name = args.model
         llm = LLM(args.model, **options)

@@ -12,7 +12,7 @@ Usage::
     .venv/bin/python scripts/convert_checkpoint.py --model gemma3-270m --out /tmp/gemma
     .venv/bin/python scripts/convert_checkpoint.py --model path/to/model.gguf --out ckpt/
 
-A named model (see `jinfer.registry.NAMED_MODELS`) is always converted from its package's GGUF
+A named model (see `jinfer.loader.named_models.NAMED_MODELS`) is always converted from its package's GGUF
 file, never from an existing converted checkpoint; its default output is
 `checkpoints/<name>` (`$JINFER_CHECKPOINT_DIR/<name>` when set), where `LLM(model=<name>)` then
 finds it. After writing, the checkpoint is loaded back, compared with the source weights and
@@ -31,11 +31,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jinfer import registry
 from jinfer.config.model import ModelConfig
+from jinfer.loader import named_models
+from jinfer.loader.weights import CONFIG_FILE, load_weights, save_orbax
 from jinfer.models.params import Params
 from jinfer.tokenizer.tokenizer import load_tokenizer
-from jinfer.weights import CONFIG_FILE, load_weights, save_orbax
 
 log = logging.getLogger("convert_checkpoint")
 
@@ -61,14 +61,16 @@ class ConvertResult:
 
 def source_path(model: str) -> Path:
     """A named model's package GGUF file, else `model` as a path (resolve_model's checks)."""
-    if model in registry.NAMED_MODELS:
-        return registry.NAMED_MODELS[model]()
-    return registry.resolve_model(model)
+    if model in named_models.NAMED_MODELS:
+        return named_models.NAMED_MODELS[model]()
+    return named_models.resolve_model(model)
 
 
 def default_out(model: str, source: Path) -> Path:
-    name = model if model in registry.NAMED_MODELS else source.stem if source.is_file() else None
-    return registry.checkpoint_dir() / (name or source.resolve().name)
+    name = (
+        model if model in named_models.NAMED_MODELS else source.stem if source.is_file() else None
+    )
+    return named_models.checkpoint_dir() / (name or source.resolve().name)
 
 
 def _check_same(cfg: ModelConfig, params: Params, cfg2: ModelConfig, params2: Params) -> None:
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model",
-        default=registry.DEFAULT_MODEL,
-        help=f"named model ({', '.join(registry.NAMED_MODELS)}), GGUF file or HF directory",
+        default=named_models.DEFAULT_MODEL,
+        help=f"named model ({', '.join(named_models.NAMED_MODELS)}), GGUF file or HF directory",
     )
     parser.add_argument(
         "--out", default=None, help="output directory (default: checkpoints/<name>)"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from jinfer import registry
+from jinfer.loader import named_models
 from jinfer.tokenizer.tokenizer import load_tokenizer
 
 log = logging.getLogger("make_gpu_kit")
@@ -25,7 +25,7 @@ log = logging.getLogger("make_gpu_kit")
 
 def main(out: str = ".gpu") -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    gguf = registry.resolve_model("smollm2-135m-instruct")
+    gguf = named_models.resolve_model("smollm2-135m-instruct")
     target = Path(out) / "smollm2-tokenizer"
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
     text = "Hello, world! def f(x): return x ** 2  # ünïcode, 数字 123"

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from jinfer import gguf_file
+from jinfer.loader import gguf_file
 
 Q = gguf.GGMLQuantizationType
 

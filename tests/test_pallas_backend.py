@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer import LLM, SamplingParams, registry
+from jinfer import LLM, SamplingParams
 from jinfer.attention import AttentionMetadata
 from jinfer.attention.pallas import ragged_layout
 from jinfer.llm import resolve_attention_backend
+from jinfer.loader import named_models
+from jinfer.loader.weights import load_weights
 from jinfer.tokenizer.tokenizer import load_tokenizer
-from jinfer.weights import load_weights
 
 
 def test_auto_picks_kernels_on_accelerators_and_xla_on_cpu():
@@ -96,7 +97,7 @@ def test_pallas_backend_greedy_tokens_equal_xla_tiny(make_tiny_llm, arch):
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_pallas_backend_greedy_tokens_equal_xla_real_models(model):
     # Short prompts and one 8-token bucket: each backend compiles one 30/18-layer step.
-    path = registry.resolve_model(model)
+    path = named_models.resolve_model(model)
     cfg, params = load_weights(path)
     tokenizer = load_tokenizer(str(path))
     opts = dict(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=8, warmup=False)

@@ -180,8 +180,8 @@ def test_chat_logprobs_are_ranked(client):
 def test_sigterm_during_traffic_exits_zero(tmp_path, smollm2_tokenizer):
     from conftest import tiny_config
 
+    from jinfer.loader.weights import save_orbax
     from jinfer.models.params import init_params
-    from jinfer.weights import save_orbax
 
     cfg = tiny_config()
     save_orbax(tmp_path / "tiny", cfg, init_params(cfg, seed=0, std=0.2))

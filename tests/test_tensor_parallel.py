@@ -23,7 +23,7 @@ CHILD = textwrap.dedent(
     from conftest import tiny_config
     from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
-    from jinfer.registry import resolve_model
+    from jinfer.loader.named_models import resolve_model
 
     model = sys.argv[1]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -1,7 +1,7 @@
 """Weight loading: HF safetensors directories against transformers, orbax round trips, bad files.
 
 The HF tests write tiny random-weight checkpoints with transformers (every norm perturbed away
-from its init, so a wrong norm convention shows), load them with `jinfer.weights.load_weights`
+from its init, so a wrong norm convention shows), load them with `jinfer.loader.weights.load_weights`
 and compare jinfer's logits at every position with transformers' eager-attention logits.
 """
 
@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer import registry
 from jinfer.attention import AttentionMetadata
 from jinfer.attention.kv_cache import init_cache
 from jinfer.config.model import ModelConfig
+from jinfer.loader import named_models
+from jinfer.loader.weights import WeightsError, load_orbax, load_weights, save_orbax
 from jinfer.models import decoder
 from jinfer.models.params import Params, init_params
-from jinfer.weights import WeightsError, load_orbax, load_weights, save_orbax
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 20  # longer than the Gemma sliding window below
@@ -450,6 +450,6 @@ def test_orbax_config_mismatch(change: dict, message: str, tmp_path: Path) -> No
 
 def test_unknown_model_name() -> None:
     with pytest.raises(FileNotFoundError) as info:
-        registry.resolve_model("no-such-model-xyz")
-    for name in registry.NAMED_MODELS:
+        named_models.resolve_model("no-such-model-xyz")
+    for name in named_models.NAMED_MODELS:
         assert name in str(info.value)

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from jinfer.llm import ATTENTION_BACKENDS, DTYPES
-from jinfer.registry import DEFAULT_MODEL
+from jinfer.loader.named_models import DEFAULT_MODEL
 from jinfer.runner.model_runner import COMPILE_UNITS
 
 # The flags whose values must be whole numbers >= 1 (None, where allowed, means "derive it").

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jinfer import gguf_file
+from jinfer.loader import gguf_file
 
 logger = logging.getLogger(__name__)
 

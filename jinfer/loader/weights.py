@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jinfer import gguf_file
 from jinfer.config.model import ModelConfig
+from jinfer.loader import gguf_file
 from jinfer.models.params import LayerParams, Params, check_shapes
 
 log = logging.getLogger(__name__)
