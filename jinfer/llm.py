@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jinfer.attention.kv_cache import init_cache, layout_for, storage_dtype
 from jinfer.config.model import ModelConfig
+from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
 from jinfer.engine.engine import Engine, EngineConfig
 from jinfer.loader import named_models
 from jinfer.loader.weights import load_weights
@@ -26,7 +27,6 @@ from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.sampling_params import SamplingParams
-from jinfer.sharding import cache_sharding, make_mesh, place_params
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)

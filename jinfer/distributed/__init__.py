@@ -1,0 +1,1 @@
+"""Distribution: the device mesh and the logical-axis sharding rules."""
