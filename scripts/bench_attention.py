@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth, timed
 
-from jinfer.attention import AttentionMetadata, xla_paged_attention
 from jinfer.attention.kv_cache import to_layout
+from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.xla import xla_paged_attention
 from pallas_kernels.attention import decode_gpu, ragged_gpu
 
 KV_HEADS, Q_PER_KV, PAGE = 8, 4, 16

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import timed
 
-from jinfer.attention import AttentionMetadata, xla_paged_attention
 from jinfer.attention.kv_cache import default_page_size, to_layout
+from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.xla import xla_paged_attention
 
 HEADS = {  # kv heads, query heads per kv head, head_dim
     "smollm2": (3, 3, 64),

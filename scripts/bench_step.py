@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth
 
-from jinfer.attention import AttentionMetadata
 from jinfer.attention.kv_cache import default_page_size, init_cache, layout_for
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import ModelConfig
 from jinfer.models import decoder
 from jinfer.models.params import init_params

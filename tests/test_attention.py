@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer import attention
-from jinfer.attention import AttentionMetadata
+from jinfer.attention import xla
 from jinfer.attention.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.runner.buckets import align, place, region_a
 
 PAGE = 4
@@ -19,7 +19,7 @@ def xla_paged_attention(q, k_pages, v_pages, meta, **kw):
     """The XLA path over pools built here in the "token" layout [P, Z, K, H], which the test
     cases index by page and slot; the path reads the "head" layout (kv_cache.py)."""
     k_pages, v_pages = to_layout(k_pages, "head", "k"), to_layout(v_pages, "head", "v")
-    return attention.xla_paged_attention(q, k_pages, v_pages, meta, **kw)
+    return xla.xla_paged_attention(q, k_pages, v_pages, meta, **kw)
 
 
 def _dense_reference(q, k_seq, v_seq, positions, window, softcap):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jinfer import LLM, SamplingParams
-from jinfer.attention import AttentionMetadata
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.attention.pallas import ragged_layout
 from jinfer.llm import resolve_attention_backend
 from jinfer.loader import named_models

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.attention import AttentionMetadata
 from jinfer.attention.kv_cache import init_cache
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import ModelConfig
 from jinfer.loader import named_models
 from jinfer.loader.weights import WeightsError, load_orbax, load_weights, save_orbax

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import AttentionMetadata
+from jinfer.attention.metadata import AttentionMetadata
 from pallas_kernels.attention import decode_gpu, ragged_gpu, ragged_tpu
 
 

@@ -20,7 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import NEG_INF, grouped_map, kv_cache, online_softmax_step
+from jinfer.attention import kv_cache
+from jinfer.attention.key_loops import NEG_INF, grouped_map, online_softmax_step
 
 BIG = 2**30
 

@@ -15,8 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import AttentionMetadata, kv_cache, paged_attention
+from jinfer.attention import kv_cache, paged_attention
 from jinfer.attention.kv_cache import KVCache
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
 from jinfer.models.params import LayerParams, Params
 

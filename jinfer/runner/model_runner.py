@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention import AttentionMetadata
 from jinfer.attention.kv_cache import SCRATCH_PAGE, KVCache
+from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models import decoder
 from jinfer.models.params import Params

@@ -82,7 +82,7 @@ class Scheduler:
         admitted: list[tuple[Sequence, int]] = []
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         # Longest context first: the per-token attention groups its key loops by position in
-        # the batch (attention.TOKENS_PER_GROUP), so similar lengths share a loop bound.
+        # the batch (attention.xla.TOKENS_PER_GROUP), so similar lengths share a loop bound.
         decodes.sort(key=lambda s: -s.num_tokens)
         chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
         used = 0
