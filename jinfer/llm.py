@@ -17,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention.kv_cache import init_cache, layout_for, storage_dtype
+from jinfer.attention import check_cache_dtype, resolve_backend
+from jinfer.attention.backend import AttentionBackend
+from jinfer.attention.kv_cache import init_cache
 from jinfer.config.model import ModelConfig
 from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
 from jinfer.engine.engine import Engine, EngineConfig
@@ -34,18 +36,13 @@ log = logging.getLogger(__name__)
 Prompt = str | dict[str, Any]
 
 
-def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, attention_backend: str) -> Any:
+def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, backend: AttentionBackend) -> Any:
     """`auto`: the model's dtype. A narrower cache (bfloat16 next to float32 weights) halves the
     KV memory and the bytes decode attention reads; the XLA path upcasts each key block."""
     if kv_cache_dtype == "auto":
         return dtype
     kv = resolve_dtype(kv_cache_dtype, option="kv_cache_dtype")
-    if kv != dtype and attention_backend != "xla":
-        raise ValueError(
-            f"kv_cache_dtype={kv_cache_dtype} differs from the model dtype "
-            f"({jnp.dtype(dtype).name}): only attention_backend='xla' reads a cache of another "
-            "dtype"
-        )
+    check_cache_dtype(backend, kv, dtype)
     return kv
 
 
@@ -63,31 +60,6 @@ def resolve_dtype(dtype: str, option: str = "dtype") -> Any:
     if dtype not in _DTYPES:
         raise ValueError(f"{option} must be one of {', '.join(DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
-
-
-ATTENTION_BACKENDS = ("auto", "xla", "pallas")
-
-
-def resolve_attention_backend(
-    backend: str, platform: str | None = None, head_dim: int = 128, tensor_parallel_size: int = 1
-) -> str:
-    """`auto` is the Pallas kernels on GPU/TPU and XLA on CPU, where the kernels only run in
-    Pallas's interpreter (correct, slow: for tests). "pallas" on CPU means that interpreter.
-    `auto` keeps XLA where the kernels would not pay: a head_dim that is not a power of two
-    (the GPU kernels tile it) and tensor parallelism (`pallas_call` has no sharding rule yet, so
-    XLA would gather every head around it)."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; got {backend!r}")
-    if backend != "auto":
-        return backend
-    platform = platform or jax.default_backend()
-    if tensor_parallel_size > 1:
-        log.info("tensor_parallel_size %d: XLA attention", tensor_parallel_size)
-        return "xla"
-    if platform == "gpu" and head_dim & (head_dim - 1):
-        log.info("head_dim %d is not a power of two: XLA attention on GPU", head_dim)
-        return "xla"
-    return "pallas" if platform in ("gpu", "tpu") else "xla"
 
 
 class LLM:
@@ -155,11 +127,11 @@ class LLM:
                 f"max_model_len={max_model_len} exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        attention_backend = resolve_attention_backend(
-            attention_backend, head_dim=cfg.head_dim, tensor_parallel_size=tensor_parallel_size
+        backend = resolve_backend(
+            attention_backend, jax.default_backend(), cfg.head_dim, tensor_parallel_size
         )
         self.dtype = resolve_dtype(dtype)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, attention_backend)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, backend)
         self.mesh = make_mesh(tensor_parallel_size)
         params = place_params(host_params, cfg, self.mesh, self.dtype)
         config = EngineConfig(
@@ -169,17 +141,16 @@ class LLM:
             page_size=page_size,
             num_pages=num_pages,
             kv_cache_memory_gb=kv_cache_memory_gb,
-            attention_backend=attention_backend,
+            attention_backend=backend.name,
             compile_unit=compile_unit,
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
         )
         pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
-        layout = layout_for(attention_backend)
         # EngineConfig resolves page_size=None to the backend's default.
-        sharding = cache_sharding(cfg, self.mesh, pages, config.page_size, layout)
-        stored = storage_dtype(self.kv_cache_dtype, attention_backend)
-        cache = init_cache(cfg, pages, config.page_size, stored, sharding, layout=layout)
+        sharding = cache_sharding(cfg, self.mesh, pages, config.page_size, backend.layout)
+        stored = backend.storage_dtype(self.kv_cache_dtype)
+        cache = init_cache(cfg, pages, config.page_size, stored, sharding, layout=backend.layout)
         self.engine = Engine(cfg, params, cache, tokenizer, config)
         self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
         self._ids = itertools.count()

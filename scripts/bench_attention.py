@@ -22,7 +22,7 @@ from _bench_util import copy_bandwidth, timed
 
 from jinfer.attention.kv_cache import to_layout
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.attention.xla import xla_paged_attention
+from jinfer.attention.xla import XLA, xla_paged_attention
 from pallas_kernels.attention import decode_gpu, ragged_gpu
 
 KV_HEADS, Q_PER_KV, PAGE = 8, 4, 16
@@ -72,6 +72,7 @@ def bench_config(args, batch: int, context: int, head_dim: int, bw: float) -> li
             seq_ids=jnp.arange(batch, dtype=jnp.int32),
             slot_mapping=jnp.zeros(batch, jnp.int32),
             block_tables=tables,
+            backend=XLA,
         )
         kernels["xla"] = lambda q, k, v, n, t: xla_paged_attention(q, k, v, meta)
     # The XLA path reads its pools in the "head" layout (kv_cache.py), the kernels in "token".

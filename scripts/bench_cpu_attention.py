@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import timed
 
-from jinfer.attention.kv_cache import default_page_size, to_layout
+from jinfer.attention.kv_cache import to_layout
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.attention.xla import xla_paged_attention
+from jinfer.attention.xla import XLA, xla_paged_attention
 
 HEADS = {  # kv heads, query heads per kv head, head_dim
     "smollm2": (3, 3, 64),
@@ -52,6 +52,7 @@ def bench(batch: int, context: int, heads: tuple[int, int, int], rounds: int, pa
         seq_ids=jnp.asarray(seqs),
         slot_mapping=jnp.asarray(slots),
         block_tables=jnp.asarray(tables),
+        backend=XLA,
     )
     q = jnp.asarray(rng.standard_normal((batch, kv_heads * q_per_kv, head_dim), np.float32))
     fn = jax.jit(xla_paged_attention)
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 32, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[160, 1000])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--page-size", type=int, default=default_page_size("xla"))
+    ap.add_argument("--page-size", type=int, default=XLA.default_page_size)
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
     args = ap.parse_args()
     for context in args.context:

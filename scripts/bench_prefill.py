@@ -15,7 +15,7 @@ import logging
 from _bench_util import prefill_rate, random_ids
 
 from jinfer import LLM
-from jinfer.runner import buckets
+from jinfer.attention.xla import XLA
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.query_block is not None:
-        buckets.QUERY_BLOCK = args.query_block
+        XLA.query_block = args.query_block
     llm = LLM(
         args.model,
         max_model_len=args.max_model_len,

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth
 
-from jinfer.attention.kv_cache import default_page_size, init_cache, layout_for
+from jinfer.attention import get_backend
+from jinfer.attention.kv_cache import init_cache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import ModelConfig
 from jinfer.models import decoder
@@ -67,11 +68,13 @@ def bench(
     cfg: ModelConfig, params, dtype, batch: int, context: int, page: int, backend: str = "xla"
 ) -> float:
     pages_per_seq = -(-(context + 1) // page)
-    cache = init_cache(cfg, batch * pages_per_seq + 1, page, dtype, layout=layout_for(backend))
+    attention = get_backend(backend)
+    stored = attention.storage_dtype(dtype)
+    cache = init_cache(cfg, batch * pages_per_seq + 1, page, stored, layout=attention.layout)
     tables = 1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
     pos = np.full(batch, context, np.int32)
     slots = tables[np.arange(batch), pos // page] * page + pos % page
-    meta = AttentionMetadata(pos, np.arange(batch, dtype=np.int32), slots, tables, backend)
+    meta = AttentionMetadata(pos, np.arange(batch, dtype=np.int32), slots, tables, attention)
     tokens = np.ones(batch, np.int32)
     idx = np.arange(batch, dtype=np.int32)
     # On the device once: the time is the step's program, not the host-to-device copies.
@@ -156,7 +159,7 @@ def main() -> None:
         for b in args.batch:
             for backend in args.attention_backend:
                 try:
-                    page = args.page_size or default_page_size(backend)
+                    page = args.page_size or get_backend(backend).default_page_size
                     step = bench(cfg, params, dtype, b, ctx, page, backend)
                 except Exception as e:  # report and go on to the next configuration
                     print(f"FAILED {backend} b{b} ctx{ctx}: {type(e).__name__}: {e}"[:600])

@@ -10,6 +10,7 @@ import pytest
 from jinfer.attention import xla
 from jinfer.attention.kv_cache import BF16_BITS, LAYOUTS, to_layout, write
 from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.xla import XLA
 from jinfer.runner.buckets import align, place, region_a
 
 PAGE = 4
@@ -90,6 +91,7 @@ def test_paged_attention_matches_dense_reference(gqa, window, softcap):
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
+        backend=XLA,
     )
     got = xla_paged_attention(
         jnp.asarray(q),
@@ -134,6 +136,7 @@ def test_decodes_over_many_pages_match_dense_reference(num_decodes, window):
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
+        backend=XLA,
     )
     q = rng.standard_normal((num_decodes, kv_heads * gqa, head_dim)).astype(np.float32)
     got = xla_paged_attention(
@@ -234,6 +237,7 @@ def test_prefill_query_blocks_match_dense_reference(
         seq_ids=jnp.asarray(seq_ids),
         slot_mapping=_slots(tables, seq_ids, positions, real),
         block_tables=jnp.asarray(tables),
+        backend=XLA,
         block_rows=jnp.asarray(placement.block_rows),
         block_lens=jnp.asarray(placement.block_lens),
         query_block=bq,
@@ -258,6 +262,7 @@ def test_a_pool_of_bfloat16_bits_reads_exactly_as_its_float32_values():
         seq_ids=jnp.asarray(seq_ids, jnp.int32),
         slot_mapping=_slots(tables, seq_ids, positions),
         block_tables=jnp.asarray(tables),
+        backend=XLA,
     )
     q = jnp.asarray(rng.standard_normal((3, 4, 8)).astype(np.float32))
     want = xla_paged_attention(q, as_bf16.astype(jnp.float32), as_bf16.astype(jnp.float32), meta)

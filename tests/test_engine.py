@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jinfer import SamplingParams
+from jinfer.attention.xla import XLA
 
 PROMPT_LENGTHS = [5, 16, 37, 100, 250]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -228,7 +229,7 @@ def test_long_prompt_in_query_blocks_gives_the_per_token_tokens_and_logprobs(
         return _tokens(outs), logprobs
 
     blocked_tokens, blocked_lps = run()
-    monkeypatch.setattr("jinfer.runner.buckets.QUERY_BLOCK", 1)  # every token on its own
+    monkeypatch.setattr(XLA, "query_block", 1)  # every token on its own
     per_token_tokens, per_token_lps = run()
     assert blocked_tokens == per_token_tokens
     for got_seq, want_seq in zip(blocked_lps, per_token_lps, strict=True):

@@ -8,23 +8,24 @@ import numpy as np
 import pytest
 
 from jinfer import LLM, SamplingParams
+from jinfer.attention import resolve_backend
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.attention.pallas import ragged_layout
-from jinfer.llm import resolve_attention_backend
+from jinfer.attention.pallas import PALLAS, ragged_layout
+from jinfer.attention.xla import XLA
 from jinfer.loader import named_models
 from jinfer.loader.weights import load_weights
 from jinfer.tokenizer.tokenizer import load_tokenizer
 
 
 def test_auto_picks_kernels_on_accelerators_and_xla_on_cpu():
-    assert resolve_attention_backend("auto", platform="gpu") == "pallas"
-    assert resolve_attention_backend("auto", platform="tpu") == "pallas"
-    assert resolve_attention_backend("auto", platform="cpu") == "xla"
-    assert resolve_attention_backend("pallas", platform="cpu") == "pallas"
-    assert resolve_attention_backend("auto", platform="gpu", head_dim=80) == "xla"
-    assert resolve_attention_backend("auto", platform="tpu", tensor_parallel_size=4) == "xla"
+    assert resolve_backend("auto", "gpu") is PALLAS
+    assert resolve_backend("auto", "tpu") is PALLAS
+    assert resolve_backend("auto", "cpu") is XLA
+    assert resolve_backend("pallas", "cpu") is PALLAS
+    assert resolve_backend("auto", "gpu", head_dim=80) is XLA
+    assert resolve_backend("auto", "tpu", tensor_parallel_size=4) is XLA
     with pytest.raises(ValueError, match="attention_backend"):
-        resolve_attention_backend("triton")
+        resolve_backend("triton", "cpu")
 
 
 def test_engine_batch_becomes_one_run_per_request():
@@ -34,6 +35,7 @@ def test_engine_batch_becomes_one_run_per_request():
         seq_ids=jnp.array([3, 3, 3, 5, 1, 0, 0], jnp.int32),
         slot_mapping=jnp.zeros(7, jnp.int32),
         block_tables=jnp.arange(6 * 4, dtype=jnp.int32).reshape(6, 4),
+        backend=PALLAS,
     )
     kv_lens, rows, cu_q_lens = ragged_layout(meta)
     assert cu_q_lens.tolist() == [0, 3, 4, 5, 6, 7, 7, 7]
@@ -51,6 +53,7 @@ def test_query_block_padding_looks_like_padding_to_the_ragged_layout():
         seq_ids=jnp.array(seq_ids, jnp.int32),
         slot_mapping=jnp.zeros(16, jnp.int32),
         block_tables=jnp.arange(6 * 4, dtype=jnp.int32).reshape(6, 4),
+        backend=PALLAS,
         block_rows=jnp.array([2, 0, 0], jnp.int32),
         block_lens=jnp.array([3, 4, 1], jnp.int32),
         query_block=4,

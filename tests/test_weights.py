@@ -21,6 +21,7 @@ import pytest
 
 from jinfer.attention.kv_cache import init_cache
 from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.xla import XLA
 from jinfer.config.model import ModelConfig
 from jinfer.loader import named_models
 from jinfer.loader.weights import WeightsError, load_orbax, load_weights, save_orbax
@@ -58,6 +59,7 @@ def jinfer_logits(cfg: ModelConfig, params: Params, tokens: np.ndarray) -> np.nd
         seq_ids=np.zeros(t, np.int32),
         slot_mapping=pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE,
         block_tables=pages[None, :],
+        backend=XLA,
     )
     cache = init_cache(cfg, num_pages + 1, PAGE_SIZE)
     params = jax.tree_util.tree_map(jnp.asarray, params)

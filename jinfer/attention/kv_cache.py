@@ -1,7 +1,7 @@
 """The device half of the paged KV cache: a static-shape page pool and pure update helpers.
 
 Per layer, keys and values live in a pool of P pages of Z token slots, K kv heads of width H,
-in one of two layouts, chosen by the attention backend that reads them (`layout_for`):
+in one of two layouts, chosen by the attention backend that reads them (`backend.py`):
 
     "token"  k, v : [P, Z, K, H]    a page is one [Z, K, H] tile: what the Pallas kernels copy
     "head"   k    : [P, K, H, Z]    a gathered page is already the operand of the XLA path's
@@ -35,32 +35,9 @@ SCRATCH_PAGE = 0
 
 LAYOUTS = ("token", "head")
 
-
-def layout_for(attention_backend: str) -> str:
-    """The pool layout `attention_backend` reads: "head" for "xla", "token" for "pallas"."""
-    return "head" if attention_backend == "xla" else "token"
-
-
-def default_page_size(attention_backend: str) -> int:
-    """Token slots per page. The XLA path steps through keys a page at a time, and each key
-    step costs a dozen small kernels, so its pages are long: 32 decodes, ms per layer at a 160 /
-    600-token context, pages of 16: 2.7 / 11.5, 32: 1.9 / 9.4, 64: 1.5 / 5.7, 128: 1.8 / 4.7
-    (CPU, SmolLM2 heads). The Pallas kernels copy pages into blocks of their own size
-    (`pallas_kernels/attention/block_sizes.py`)."""
-    return 64 if layout_for(attention_backend) == "head" else 16
-
-
-# A bfloat16 pool read by the XLA attention is stored as its 16-bit patterns: XLA:CPU moves a
-# widening convert (or a bitcast) of gathered blocks onto the whole pool, once per layer and
-# step, while integer bits gathered and shifted stay per block (`read_pages`).
+# A pool of bfloat16 keys and values may be stored as their 16-bit patterns (the XLA backend's
+# choice: `xla.XlaBackend.storage_dtype`); `read_pages` widens them, `write` narrows into them.
 BF16_BITS = jnp.uint16
-
-
-def storage_dtype(dtype: Any, attention_backend: str) -> Any:
-    """The dtype a pool of `dtype` keys/values is stored in for `attention_backend`."""
-    if jnp.dtype(dtype) == jnp.bfloat16 and attention_backend == "xla":
-        return BF16_BITS
-    return dtype
 
 
 @jax.tree_util.register_dataclass

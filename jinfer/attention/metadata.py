@@ -6,6 +6,8 @@ import dataclasses
 
 import jax
 
+from jinfer.attention.backend import AttentionBackend
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -16,7 +18,7 @@ class AttentionMetadata:
     # attention tells padding from real tokens and skips it.
     slot_mapping: jax.Array
     block_tables: jax.Array  # [R, Pmax] int32
-    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+    backend: AttentionBackend = dataclasses.field(metadata=dict(static=True))
     # Query blocks of the prefill region (the batch's last NB * Bq tokens); None: no blocks.
     block_rows: jax.Array | None = None  # [NB] int32: block-table row of each block (padding -> 0)
     block_lens: jax.Array | None = None  # [NB] int32: real tokens at the block's front (0..Bq)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jinfer.attention.backend import AttentionBackend
 from jinfer.attention.metadata import AttentionMetadata
 from pallas_kernels.attention import decode_gpu, ragged_gpu, ragged_tpu
 
@@ -80,3 +81,29 @@ def pallas_paged_attention(
     pos, seq_ids = meta.positions, meta.seq_ids
     all_decode = jnp.all((seq_ids[1:] != seq_ids[:-1]) | (pos[1:] != pos[:-1] + 1))
     return jax.lax.cond(all_decode, decode, ragged, q, k_pages, v_pages, meta)
+
+
+class PallasBackend(AttentionBackend):
+    """The Pallas kernels (`pallas_kernels/attention/`): GPU and TPU; on CPU, only if asked, in
+    Pallas's interpreter (correct, slow: for tests)."""
+
+    name = "pallas"
+    layout = "token"
+    default_page_size = 16  # the kernels copy pages into blocks of their own size (block_sizes.py)
+    query_block = 1  # ragged runs: the kernels take query runs of any length
+    native_platforms = ("gpu", "tpu")
+    reads_any_cache_dtype = False
+
+    def unsupported(self, platform: str, head_dim: int, tensor_parallel_size: int) -> str | None:
+        if tensor_parallel_size > 1:
+            # `pallas_call` has no sharding rule yet: XLA would gather every head around it.
+            return f"tensor_parallel_size {tensor_parallel_size}"
+        if platform == "gpu" and head_dim & (head_dim - 1):
+            return f"head_dim {head_dim} is not a power of two (the GPU kernels tile it)"
+        return None
+
+    def attend(self, q, k_pages, v_pages, meta, *, window, softcap):
+        return pallas_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+
+
+PALLAS = PallasBackend()

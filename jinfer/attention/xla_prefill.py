@@ -24,6 +24,9 @@ from jinfer.attention import kv_cache
 from jinfer.attention.key_loops import NEG_INF, grouped_map, online_softmax_step
 
 BIG = 2**30
+# Bq: tokens per query block (the XLA backend's prefill granularity). Measured on CPU (SmolLM2,
+# 8k context): see scripts/bench_prefill.py.
+QUERY_BLOCK = 16
 
 
 def blocked_paged_attention(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jinfer.llm import ATTENTION_BACKENDS, DTYPES
+from jinfer.attention import ATTENTION_BACKENDS
+from jinfer.llm import DTYPES
 from jinfer.loader.named_models import DEFAULT_MODEL
 from jinfer.runner.model_runner import COMPILE_UNITS
 

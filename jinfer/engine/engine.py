@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from jinfer.attention.kv_cache import KVCache, bytes_per_page, default_page_size, layout_for
+from jinfer.attention import get_backend
+from jinfer.attention.kv_cache import KVCache, bytes_per_page
 from jinfer.config.model import ModelConfig
 from jinfer.models.params import Params
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -34,7 +35,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 32  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunk size)
-    page_size: int | None = None  # None: kv_cache.default_page_size(attention_backend)
+    page_size: int | None = None  # None: the attention backend's default_page_size
     num_pages: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     attention_backend: str = "xla"
@@ -44,7 +45,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.page_size is None:
-            self.page_size = default_page_size(self.attention_backend)
+            self.page_size = get_backend(self.attention_backend).default_page_size
 
     def resolve_num_pages(self, cfg: ModelConfig, dtype: Any) -> int:
         if self.num_pages is not None:
@@ -126,7 +127,8 @@ class Engine:
         self.cfg = cfg
         self.config = config
         self.tokenizer = tokenizer
-        layout = layout_for(config.attention_backend)
+        backend = get_backend(config.attention_backend)
+        layout = backend.layout
         if (cache.layout, cache.page_size) != (layout, config.page_size):
             raise ValueError(
                 f"KV cache of {cache.page_size}-token pages in the {cache.layout!r} layout, but "
@@ -149,7 +151,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
-            attention_backend=config.attention_backend,
+            backend=backend,
             compile_unit=config.compile_unit,
         )
         granularity = buckets.prefill_granularity(

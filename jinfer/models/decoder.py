@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention import kv_cache, paged_attention
+from jinfer.attention import paged_attention, write_kv
 from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
@@ -109,9 +109,7 @@ def attention_block(
     inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
     q = apply_rope(q, meta.positions, inv_freq)
     k = apply_rope(k, meta.positions, inv_freq)
-    layout = kv_cache.layout_for(meta.backend)
-    k_pages = kv_cache.write(k_pages, k, meta.slot_mapping, layout, "k")
-    v_pages = kv_cache.write(v_pages, v, meta.slot_mapping, layout, "v")
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta)
     out = paged_attention(
         q * jnp.asarray(cfg.scale, q.dtype),
         k_pages,

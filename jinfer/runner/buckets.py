@@ -27,8 +27,6 @@ import dataclasses
 
 import numpy as np
 
-QUERY_BLOCK = 16  # Bq; measured on CPU (SmolLM2, 8k context): see scripts/bench_prefill.py
-
 
 def align(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

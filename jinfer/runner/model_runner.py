@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer.attention.backend import AttentionBackend
 from jinfer.attention.kv_cache import SCRATCH_PAGE, KVCache
 from jinfer.attention.metadata import AttentionMetadata
+from jinfer.attention.xla import XLA
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models import decoder
 from jinfer.models.params import Params
-from jinfer.runner import buckets, packing
+from jinfer.runner import packing
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
 from jinfer.sample.sampler import NEG_INF, SamplingBatch, sample, split_seed
 from jinfer.sampling_params import MAX_LOGPROBS
@@ -222,8 +224,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
-        attention_backend: str = "xla",
-        query_block: int | None = None,  # Bq; None: buckets.QUERY_BLOCK
+        backend: AttentionBackend = XLA,
         compile_unit: str = "auto",  # "step" | "layer" | "auto" (see resolve_compile_unit)
     ) -> None:
         self.cfg = cfg
@@ -232,11 +233,8 @@ class ModelRunner:
         self.page_size = cache.page_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.attention_backend = attention_backend
-        # Query blocks are the XLA path's prefill layout; the Pallas kernels take ragged runs.
-        if query_block is None:
-            query_block = buckets.QUERY_BLOCK
-        self.query_block = query_block if attention_backend == "xla" else 1
+        self.backend = backend
+        self.query_block = backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
         platform = next(iter(cache.k[0].devices())).platform
         # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
         # bucket of 1; on accelerators a decode step is bound by reading the weights, padding
@@ -281,7 +279,7 @@ class ModelRunner:
             seq_ids=seq_ids,
             slot_mapping=slot_mapping,
             block_tables=block_tables,
-            backend=self.attention_backend,
+            backend=self.backend,
             block_rows=block_rows,
             block_lens=block_lens,
             query_block=max(self.query_block, 1),
