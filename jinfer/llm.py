@@ -14,20 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from jinfer.attention import check_cache_dtype, resolve_backend
-from jinfer.attention.backend import AttentionBackend
-from jinfer.attention.kv_cache import init_cache
+from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
-from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
-from jinfer.engine.engine import Engine, EngineConfig
+from jinfer.engine.builder import build_engine
 from jinfer.loader import named_models
 from jinfer.loader.weights import load_weights
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
-from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -36,47 +29,23 @@ log = logging.getLogger(__name__)
 Prompt = str | dict[str, Any]
 
 
-def resolve_kv_cache_dtype(kv_cache_dtype: str, dtype: Any, backend: AttentionBackend) -> Any:
-    """`auto`: the model's dtype. A narrower cache (bfloat16 next to float32 weights) halves the
-    KV memory and the bytes decode attention reads; the XLA path upcasts each key block."""
-    if kv_cache_dtype == "auto":
-        return dtype
-    kv = resolve_dtype(kv_cache_dtype, option="kv_cache_dtype")
-    check_cache_dtype(backend, kv, dtype)
-    return kv
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DTYPES = ("auto", *_DTYPES)  # the choices of `dtype` and `kv_cache_dtype`
-
-
-def resolve_dtype(dtype: str, option: str = "dtype") -> Any:
-    """`auto` is float32 on CPU and bfloat16 on accelerators. float32 keeps CPU runs token for
-    token with a float32 reference; bfloat16 runs ~2x faster on CPUs with AVX512-BF16 or AMX
-    (docs/benchmarks.md) at bfloat16's rounding. `option` names the setting in the error for an
-    unknown dtype."""
-    if dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    if dtype not in _DTYPES:
-        raise ValueError(f"{option} must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
-
-
 class LLM:
     """Loads a model once, then generates for batches of prompts with continuous batching.
 
     `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
-    checkpoint. The options (dtype, max_model_len, tensor_parallel_size, max_num_seqs,
-    max_num_batched_tokens, page_size, num_pages, kv_cache_memory_gb, kv_cache_dtype,
-    attention_backend, compile_unit, seed, enable_prefix_caching, warmup) and their defaults are
-    declared once, on `_setup`; an unknown one is a TypeError.
+    checkpoint; the options are `EngineConfig`'s (config/engine.py: dtype, max_model_len,
+    tensor_parallel_size, max_num_seqs, max_num_batched_tokens, page_size, num_pages,
+    kv_cache_memory_gb, kv_cache_dtype, attention_backend, compile_unit, seed,
+    enable_prefix_caching, warmup), declared there once with their defaults. An unknown one is
+    a TypeError, a value an option does not take a ValueError that names it.
     """
 
     def __init__(self, model: str = named_models.DEFAULT_MODEL, **options: Any) -> None:
         t0 = time.perf_counter()
+        config = EngineConfig(**options)  # checked before anything loads
         path = named_models.resolve_model(model)
         cfg, host_params = load_weights(path)
-        self._setup(cfg, host_params, load_tokenizer(str(path)), **options)
+        self._setup(cfg, host_params, load_tokenizer(str(path)), config)
         self.load_time = time.perf_counter() - t0 - self.warmup_time
         log.info(
             "loaded %s (%s) in %.1f s, warm-up %.1f s",
@@ -92,67 +61,17 @@ class LLM:
     ) -> LLM:
         """An LLM over weights already in memory (random-weight tests, research code)."""
         llm = cls.__new__(cls)
-        llm._setup(cfg, params, tokenizer, **options)
+        llm._setup(cfg, params, tokenizer, EngineConfig(**options))
         llm.load_time = 0.0
         return llm
 
     def _setup(
-        self,
-        cfg: ModelConfig,
-        host_params: Params,
-        tokenizer: Tokenizer,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        tensor_parallel_size: int = 1,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 512,
-        page_size: int | None = None,  # None: kv_cache.default_page_size (64 for XLA, 16 Pallas)
-        num_pages: int | None = None,
-        kv_cache_memory_gb: float = 2.0,
-        kv_cache_dtype: str = "auto",
-        attention_backend: str = "auto",
-        compile_unit: str = "auto",
-        seed: int = 0,
-        enable_prefix_caching: bool = True,
-        warmup: bool = True,
+        self, cfg: ModelConfig, host_params: Params, tokenizer: Tokenizer, config: EngineConfig
     ) -> None:
-        enable_persistent_cache()
-        bound_compiled_programs()  # before this engine compiles its own
         self.tokenizer = tokenizer
         self.model_config = cfg
-        max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
-        if max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={max_model_len} exceeds the model's "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
-        backend = resolve_backend(
-            attention_backend, jax.default_backend(), cfg.head_dim, tensor_parallel_size
-        )
-        self.dtype = resolve_dtype(dtype)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, backend)
-        self.mesh = make_mesh(tensor_parallel_size)
-        params = place_params(host_params, cfg, self.mesh, self.dtype)
-        config = EngineConfig(
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(max_num_batched_tokens, 8),
-            page_size=page_size,
-            num_pages=num_pages,
-            kv_cache_memory_gb=kv_cache_memory_gb,
-            attention_backend=backend.name,
-            compile_unit=compile_unit,
-            seed=seed,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-        pages = config.resolve_num_pages(cfg, self.kv_cache_dtype)
-        # EngineConfig resolves page_size=None to the backend's default.
-        sharding = cache_sharding(cfg, self.mesh, pages, config.page_size, backend.layout)
-        stored = backend.storage_dtype(self.kv_cache_dtype)
-        cache = init_cache(cfg, pages, config.page_size, stored, sharding, layout=backend.layout)
-        self.engine = Engine(cfg, params, cache, tokenizer, config)
-        self.warmup_time = self.engine.runner.warmup() if warmup else 0.0
+        self.engine = build_engine(cfg, host_params, tokenizer, config)
+        self.warmup_time = self.engine.warmup_time
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

@@ -32,7 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
     p.add_argument(
         "--api-key",
         default=os.environ.get("JINFER_API_KEY"),
@@ -54,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_loader(args: argparse.Namespace) -> Any:
     def load() -> tuple[Any, Any]:
-        llm = LLM(**engine_options(args), seed=args.seed)
+        llm = LLM(**engine_options(args))
         return llm.engine, llm.tokenizer
 
     return load

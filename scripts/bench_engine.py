@@ -16,7 +16,7 @@ import time
 from _bench_util import decode_rate, prefill_rate, random_ids
 
 from jinfer import LLM
-from jinfer.runner.model_runner import COMPILE_UNITS
+from jinfer.config.engine import COMPILE_UNITS
 
 
 def main() -> None:

@@ -43,10 +43,9 @@ import numpy as np
 from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, read_bandwidth
 
 from jinfer import LLM, SamplingParams
+from jinfer.config.engine import COMPILE_UNITS, DTYPES
 from jinfer.config.model import ModelConfig
-from jinfer.llm import DTYPES
 from jinfer.loader import named_models
-from jinfer.runner.model_runner import COMPILE_UNITS
 
 log = logging.getLogger("bench_offline")
 
@@ -351,7 +350,6 @@ def main() -> None:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from jinfer.llm import resolve_dtype
     from jinfer.loader.weights import load_weights
     from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
@@ -372,7 +370,7 @@ def main() -> None:
         vocab = tokenizer.vocab_size
         cfg = ModelConfig(arch="llama", vocab_size=vocab, **RANDOM_SHAPES[args.random_shape])
         name = f"{args.random_shape} (random weights, vocab {vocab})"
-        params = init_params(cfg, dtype=resolve_dtype(dtype_name), on_device=True)
+        params = init_params(cfg, dtype=jnp.dtype(dtype_name), on_device=True)
         llm = LLM.from_params(cfg, params, tokenizer, **options)
         args.peers = [p for p in args.peers if p != "llama.cpp"]
     else:

@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     e = p.add_argument_group("engine")
-    add_engine_args(e)
+    add_engine_args(e, exclude=("seed",))  # --seed above: the records' sampling seeds
     p.set_defaults(max_model_len=2048)
     return p
 

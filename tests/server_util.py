@@ -19,7 +19,8 @@ import numpy as np
 import uvicorn
 
 from jinfer.attention.kv_cache import init_cache
-from jinfer.engine.engine import Engine, EngineConfig
+from jinfer.config.engine import EngineConfig
+from jinfer.engine.engine import Engine
 from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.scheduler import StepPlan
@@ -65,7 +66,7 @@ def make_echo_engine(tokenizer: Any, step_delay: float = 0.0, **config: Any) -> 
     config.setdefault("max_num_seqs", 8)
     config.setdefault("max_num_batched_tokens", 64)
     config.setdefault("num_pages", 200)
-    econfig = EngineConfig(**config)
+    econfig = EngineConfig(**config).resolve(cfg, "cpu")
     cache = init_cache(cfg, econfig.num_pages, econfig.page_size)
     engine = Engine(cfg, None, cache, tokenizer, econfig)
     engine.runner = EchoRunner(cfg.vocab_size, step_delay)

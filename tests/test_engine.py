@@ -281,11 +281,13 @@ def test_layer_programs_give_the_whole_step_programs_tokens_and_logprobs(make_ti
 
 
 def test_compile_unit_auto_is_per_layer_on_cpu_and_a_bad_value_is_named(make_tiny_llm):
-    from jinfer.runner.model_runner import resolve_compile_unit
+    from conftest import tiny_config
 
-    assert resolve_compile_unit("auto", "cpu") == "layer"
-    assert resolve_compile_unit("auto", "gpu") == "step"
-    assert resolve_compile_unit("auto", "tpu") == "step"
+    from jinfer.config.engine import EngineConfig
+
+    cfg = tiny_config()
+    for platform, unit in (("cpu", "layer"), ("gpu", "step"), ("tpu", "step")):
+        assert EngineConfig().resolve(cfg, platform).compile_unit == unit
     with pytest.raises(ValueError, match="compile_unit.*'fused'"):
         make_tiny_llm(compile_unit="fused", warmup=False)
 
@@ -333,10 +335,12 @@ def test_a_cache_the_attention_backend_cannot_read_is_refused(
     from conftest import tiny_config
 
     from jinfer.attention.kv_cache import init_cache
-    from jinfer.engine.engine import Engine, EngineConfig
+    from jinfer.config.engine import EngineConfig
+    from jinfer.engine.engine import Engine
 
     cfg = tiny_config()
     config = EngineConfig(max_model_len=128, attention_backend=backend, page_size=64)
+    config = config.resolve(cfg, "cpu")
     cache = init_cache(cfg, 8, page_size, layout=layout)
     with pytest.raises(ValueError, match=f"{page_size}-token pages in the '{layout}' layout"):
         Engine(cfg, None, cache, smollm2_tokenizer, config)

@@ -14,8 +14,9 @@ in 64-key blocks of 16-token pages, which XLA:CPU transposed into its dots' layo
 step, running the score product with a transposed right operand at under half the speed.)
 
 A token's cache slot is `page * Z + offset`; the host (`block_manager.py`) decides pages and
-uploads the flat `slot_mapping` each step. Page 0 is reserved scratch: padding tokens write
-there, and no request ever owns it, so padded shapes never touch real data.
+uploads the flat `slot_mapping` each step. Page 0 is reserved scratch (`config/cache.py`):
+padding tokens write there, and no request ever owns it, so padded shapes never touch real
+data.
 
     block_tables[r] = [7, 3, 12, 0, 0, ...]   request r's pages in order; 0 = unused
     position p of request r  ->  page block_tables[r, p // Z], offset p % Z
@@ -30,8 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.config.model import ModelConfig
-
-SCRATCH_PAGE = 0
 
 LAYOUTS = ("token", "head")
 
@@ -111,12 +110,6 @@ def init_cache(
     out = None if sharding is None else [sharding[0]] * n + [sharding[1]] * n
     pools = jax.jit(zeros, out_shardings=out)()
     return KVCache(k=tuple(pools[:n]), v=tuple(pools[n:]), layout=layout)
-
-
-def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any = jnp.float32) -> int:
-    """Bytes one page costs across all layers, keys and values."""
-    per_layer = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return 2 * cfg.num_layers * per_layer
 
 
 def read_pages(pages: jax.Array, page_ids: jax.Array, dtype: Any = jnp.float32) -> jax.Array:

@@ -31,6 +31,7 @@ from jinfer.attention.backend import AttentionBackend
 from jinfer.attention.key_loops import NEG_INF, grouped_map, online_softmax_step
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.attention.xla_prefill import QUERY_BLOCK, blocked_paged_attention
+from jinfer.config.cache import SCRATCH_PAGE
 
 
 class XlaBackend(AttentionBackend):
@@ -133,7 +134,7 @@ def _per_token_attention(
     # Padding tokens write to the scratch page and need no keys: a group of padding only runs
     # no key steps at all.
     page_size = k_pages.shape[3]
-    real = meta.slot_mapping // page_size != kv_cache.SCRATCH_PAGE  # [T]
+    real = meta.slot_mapping // page_size != SCRATCH_PAGE  # [T]
 
     loop = functools.partial(
         _token_loop, k_pages=k_pages, v_pages=v_pages, window=window, softcap=softcap

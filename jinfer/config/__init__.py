@@ -1,1 +1,2 @@
-"""Configuration: the model (`model.py`), the engine options declared once (`engine.py`), their flags."""
+"""Configuration: the model's (`model.py`), every engine option once (`engine.py`), their flags
+(`cli.py`), and the KV cache's geometry (`cache.py`)."""

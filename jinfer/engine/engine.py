@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
 
 import numpy as np
 
-from jinfer.attention import get_backend
-from jinfer.attention.kv_cache import KVCache, bytes_per_page
+from jinfer.attention.kv_cache import KVCache
+from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.models.params import Params
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -28,33 +27,6 @@ from jinfer.scheduler.sequence import Sequence, Status
 from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EngineConfig:
-    max_model_len: int = 2048
-    max_num_seqs: int = 32  # requests running at once
-    max_num_batched_tokens: int = 512  # token budget per step (prefill chunk size)
-    page_size: int | None = None  # None: the attention backend's default_page_size
-    num_pages: int | None = None  # None: sized from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 2.0
-    attention_backend: str = "xla"
-    compile_unit: str = "auto"  # "step" | "layer": see runner.resolve_compile_unit
-    seed: int = 0  # draws the seeds of requests that bring none
-    enable_prefix_caching: bool = True  # reuse full KV pages computed before (prefix_cache.py)
-
-    def __post_init__(self) -> None:
-        if self.page_size is None:
-            self.page_size = get_backend(self.attention_backend).default_page_size
-
-    def resolve_num_pages(self, cfg: ModelConfig, dtype: Any) -> int:
-        if self.num_pages is not None:
-            return self.num_pages
-        per_page = bytes_per_page(cfg, self.page_size, dtype)
-        fit = int(self.kv_cache_memory_gb * 2**30 // per_page)
-        # Never more than every slot at full length needs (+1 scratch page).
-        full = self.max_num_seqs * -(-self.max_model_len // self.page_size) + 1
-        return max(2, min(fit, full))
 
 
 @dataclasses.dataclass
@@ -124,10 +96,12 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig,
     ) -> None:
+        if not config.is_resolved:
+            raise ValueError("Engine needs a resolved config: config.resolve(model, platform)")
         self.cfg = cfg
         self.config = config
         self.tokenizer = tokenizer
-        backend = get_backend(config.attention_backend)
+        backend = config.backend
         layout = backend.layout
         if (cache.layout, cache.page_size) != (layout, config.page_size):
             raise ValueError(
@@ -144,16 +118,7 @@ class Engine:
         self.blocks = BlockManager(
             cache.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        self.runner = ModelRunner(
-            cfg,
-            params,
-            cache,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            backend=backend,
-            compile_unit=config.compile_unit,
-        )
+        self.runner = ModelRunner(cfg, params, cache, config)
         granularity = buckets.prefill_granularity(
             config.max_num_batched_tokens, config.max_num_seqs, self.runner.query_block
         )
@@ -163,6 +128,7 @@ class Engine:
         )
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.warmup_time = 0.0
         self._rng = np.random.default_rng(config.seed)
         self._arrivals = 0
         self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
@@ -377,6 +343,11 @@ class Engine:
             dataclasses.replace(req.metrics),
             num_cached_tokens=req.states[0].seq.num_cached_tokens or 0,
         )
+
+    def warmup(self) -> float:
+        """Compiles every program a step may run (the runner's buckets); seconds taken."""
+        self.warmup_time = self.runner.warmup()
+        return self.warmup_time
 
     # ------------------------------------------------------------------ status
     @property

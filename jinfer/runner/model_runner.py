@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention.backend import AttentionBackend
-from jinfer.attention.kv_cache import SCRATCH_PAGE, KVCache
+from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.attention.xla import XLA
+from jinfer.config.cache import SCRATCH_PAGE
+from jinfer.config.engine import EngineConfig
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models import decoder
 from jinfer.models.params import Params
@@ -109,19 +109,6 @@ def _head_packed(edge_params, cfg, layout, ibuf, fbuf, x):
 _embed_step = jax.jit(_embed_packed, static_argnums=(1, 2))
 _layer_step = jax.jit(_layer_packed, static_argnums=(1, 2, 3), donate_argnums=(7, 8))
 _head_step = jax.jit(_head_packed, static_argnums=(1, 2))
-
-COMPILE_UNITS = ("auto", "step", "layer")
-
-
-def resolve_compile_unit(compile_unit: str, platform: str) -> str:
-    """ "auto": per layer on CPU (compile time, not dispatch, is what costs there), the whole step
-    as one program on GPU/TPU (where per-kernel launches and fusion across layers matter)."""
-    if compile_unit not in COMPILE_UNITS:
-        raise ValueError(f"compile_unit must be one of {COMPILE_UNITS}, got {compile_unit!r}")
-    if compile_unit == "auto":
-        return "layer" if platform == "cpu" else "step"
-    return compile_unit
-
 
 # Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
 # the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
@@ -220,20 +207,16 @@ class ModelRunner:
         cfg: ModelConfig,
         params: Params,
         cache: KVCache,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        max_model_len: int,
-        backend: AttentionBackend = XLA,
-        compile_unit: str = "auto",  # "step" | "layer" | "auto" (see resolve_compile_unit)
+        config: EngineConfig,  # resolved
     ) -> None:
         self.cfg = cfg
         self.params = params
         self.cache = cache
         self.page_size = cache.page_size
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs = max_num_seqs = config.max_num_seqs
+        max_num_batched_tokens, max_model_len = config.max_num_batched_tokens, config.max_model_len
         self.max_model_len = max_model_len
-        self.backend = backend
+        self.backend = backend = config.backend
         self.query_block = backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
         platform = next(iter(cache.k[0].devices())).platform
         # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
@@ -247,7 +230,7 @@ class ModelRunner:
         self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
         self._history_len = max_model_len
-        self.compile_unit = resolve_compile_unit(compile_unit, platform)
+        self.compile_unit = config.compile_unit  # "step" or "layer"
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 
     # ------------------------------------------------------------------ inputs

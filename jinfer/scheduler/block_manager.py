@@ -28,7 +28,7 @@ from collections.abc import Sequence as Pages
 
 import numpy as np
 
-from jinfer.attention.kv_cache import SCRATCH_PAGE
+from jinfer.config.cache import SCRATCH_PAGE
 from jinfer.scheduler.prefix_cache import PrefixCache, extend_page_keys
 from jinfer.scheduler.sequence import Sequence
 

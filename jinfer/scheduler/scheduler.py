@@ -18,10 +18,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 32  # R: requests running at once (rows of the block table)
-    max_num_batched_tokens: int = 512  # token budget of one step
+    """The engine options the scheduler reads (config/engine.py declares them and their
+    defaults), and the prefill layout's unit."""
+
+    max_num_seqs: int  # R: requests running at once (rows of the block table)
+    max_num_batched_tokens: int  # token budget of one step
     # A prefill run of n > 1 tokens costs align(n, this) of the budget: the runner lays prefill
-    # out in query blocks of this many tokens (`batch_layout.prefill_granularity`; 1: none).
+    # out in query blocks of this many tokens (`runner/buckets.py: prefill_granularity`; 1: none).
     prefill_granularity: int = 1
 
 

@@ -1,0 +1,43 @@
+"""From weights in host memory to a warm engine: resolve, place, size the pool, compile.
+
+config.resolve(model, platform)   every `auto` settled (config/engine.py)
+mesh, place_params                the weights on their devices, in the model dtype
+init_cache                        the page pool, in the attention backend's layout
+Engine(...), warmup()             every program compiled before the first request
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.attention.kv_cache import init_cache
+from jinfer.config.engine import EngineConfig
+from jinfer.config.model import ModelConfig
+from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
+from jinfer.engine.engine import Engine
+from jinfer.models.params import Params
+from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
+from jinfer.tokenizer.tokenizer import Tokenizer
+
+
+def build_engine(
+    cfg: ModelConfig, host_params: Params, tokenizer: Tokenizer, config: EngineConfig
+) -> Engine:
+    """An `Engine` for `cfg` with `host_params` placed per `config` (resolved here), warmed up
+    unless `config.warmup` is off."""
+    enable_persistent_cache()
+    bound_compiled_programs()  # before this engine compiles its own
+    config = config.resolve(cfg, jax.default_backend())
+    mesh = make_mesh(config.tensor_parallel_size)
+    params = place_params(host_params, cfg, mesh, jnp.dtype(config.dtype))
+    backend = config.backend
+    sharding = cache_sharding(cfg, mesh, config.num_pages, config.page_size, backend.layout)
+    stored = backend.storage_dtype(jnp.dtype(config.kv_cache_dtype))
+    cache = init_cache(
+        cfg, config.num_pages, config.page_size, stored, sharding, layout=backend.layout
+    )
+    engine = Engine(cfg, params, cache, tokenizer, config)
+    if config.warmup:
+        engine.warmup()
+    return engine
