@@ -23,7 +23,7 @@ from jinfer.config.engine import EngineConfig
 from jinfer.engine.engine import Engine
 from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
-from jinfer.scheduler.scheduler import StepPlan
+from jinfer.scheduler.plan import StepPlan
 
 
 class EchoRunner:

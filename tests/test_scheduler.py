@@ -3,6 +3,9 @@ budget is kept in whole query blocks, and every request gets done (random reques
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,3 +86,15 @@ def test_without_query_blocks_the_budget_counts_real_tokens():
     for i, n in enumerate([30, 30, 30]):
         scheduler.add(_seq(i, n, 2))
     assert [n for _, n in scheduler.schedule().scheduled] == [30, 30, 4]
+
+
+def test_the_scheduler_package_never_imports_jax():
+    """The scheduler is host bookkeeping (numpy): it must import, and run, without JAX."""
+    code = (
+        "import sys\n"
+        "import jinfer.scheduler.block_manager, jinfer.scheduler.prefix_cache\n"
+        "import jinfer.scheduler.scheduler, jinfer.scheduler.sequence\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -36,7 +36,7 @@ from jinfer.runner import packing
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
 from jinfer.sample.sampler import NEG_INF, SamplingBatch, sample, split_seed
 from jinfer.sampling_params import MAX_LOGPROBS
-from jinfer.scheduler.scheduler import StepPlan
+from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)

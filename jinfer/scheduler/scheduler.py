@@ -11,6 +11,7 @@ import logging
 from collections import deque
 
 from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,6 @@ class SchedulerConfig:
     # A prefill run of n > 1 tokens costs align(n, this) of the budget: the runner lays prefill
     # out in query blocks of this many tokens (`runner/buckets.py: prefill_granularity`; 1: none).
     prefill_granularity: int = 1
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """This step's work: each entry computes `num_new` tokens of `seq` from num_computed_tokens."""
-
-    scheduled: list[tuple[Sequence, int]]
-    preempted: list[Sequence]
-    # Requests admitted this step, with the prompt tokens the prefix cache already held.
-    admitted: list[tuple[Sequence, int]] = dataclasses.field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:
