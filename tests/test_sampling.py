@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jinfer.runner.model_runner import sampling_batch
+from jinfer.sample.metadata import SamplingBatch
 from jinfer.sample.sampler import argmax, sample
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence
@@ -21,7 +21,7 @@ def _seq(params: SamplingParams, seed: int = 0, prompt=(1, 2, 3), outputs=()) ->
 
 def _sample(logits: np.ndarray, seqs: list[Sequence], rows: int | None = None):
     rows = rows or len(seqs)
-    batch, _ = sampling_batch(seqs, rows, history_len=64)
+    batch = SamplingBatch.from_sequences(seqs, rows, history_len=64)
     padded = np.zeros((rows, logits.shape[1]), np.float32)
     padded[: len(logits)] = logits
     out = sample(padded, batch)
@@ -162,7 +162,7 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
     scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))
     weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))
     seqs = [_seq(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))] * 3
-    batch, _ = sampling_batch(seqs, 3, history_len=8)
+    batch = SamplingBatch.from_sequences(seqs, 3, history_len=8)
     kept = {}
     for c in (1000, 2):
         th = _top_k_top_p_threshold(scaled, weights, batch, candidates=c)

@@ -19,7 +19,8 @@ from jinfer.config.model import ModelConfig
 from jinfer.models.params import Params
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.runner import buckets
-from jinfer.runner.model_runner import ModelRunner, StepResult, num_compiles
+from jinfer.runner.compilation import num_compiles
+from jinfer.runner.model_runner import ModelRunner, StepResult
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig

@@ -1,14 +1,19 @@
-"""JAX's persistent compilation cache, on by default: a restart loads compiled steps from disk.
+"""Compilation: JAX's persistent cache (on by default), and the compile counter.
 
-Where: `$JINFER_COMPILE_CACHE` if set, else `~/.cache/jinfer/xla`. Set it to an empty string to
-turn the cache off. A directory the user already gave JAX (`jax_compilation_cache_dir`) wins.
+The persistent cache makes a restart load compiled steps from disk. Where:
+`$JINFER_COMPILE_CACHE` if set, else `~/.cache/jinfer/xla`. Set it to an empty string to turn
+the cache off. A directory the user already gave JAX (`jax_compilation_cache_dir`) wins.
+
+`num_compiles` counts XLA compilations in the process: after warm-up it must stay still.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -68,3 +73,31 @@ def bound_compiled_programs(headroom: int = 20_000) -> bool:
     )
     jax.clear_caches()
     return True
+
+
+_compiles = 0
+
+
+_compiles_lock = threading.Lock()
+
+
+_listener_installed = False
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    global _compiles
+    if event == "/jax/core/compile/backend_compile_duration":
+        with _compiles_lock:
+            _compiles += 1
+
+
+def num_compiles() -> int:
+    """XLA compilations in this process since jinfer started counting."""
+    global _listener_installed
+    if not _listener_installed:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listener_installed = True
+    return _compiles
+
+
+num_compiles()  # start counting at import

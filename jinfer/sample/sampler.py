@@ -19,30 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer.runner import packing
+from jinfer.sample.metadata import SamplingBatch
 from jinfer.sampling_params import MAX_LOGPROBS
-
-NEG_INF = -1e30
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SamplingBatch:
-    temperature: jax.Array  # [B] f32; 0 = greedy
-    top_k: jax.Array  # [B] i32; 0 = off
-    top_p: jax.Array  # [B] f32; 1 = off
-    min_p: jax.Array  # [B] f32; 0 = off
-    repetition_penalty: jax.Array  # [B] f32
-    presence_penalty: jax.Array  # [B] f32
-    frequency_penalty: jax.Array  # [B] f32
-    seed_lo: jax.Array  # [B] u32
-    seed_hi: jax.Array  # [B] u32
-    counter: jax.Array  # [B] i32: index of the token being sampled
-    bias_ids: jax.Array  # [B, NB] i32; -1 = unused (min_tokens bans, logit_bias)
-    bias_vals: jax.Array  # [B, NB] f32
-    history: jax.Array  # [B, Lh] i32: prompt + output ids, -1 padded (penalties only)
-    history_is_output: jax.Array  # [B, Lh] bool
-    want_logprobs: jax.Array  # [] bool: any row asked for top-N logprobs
-    use_penalties: jax.Array  # [] bool
+from jinfer.scheduler.sequence import Sequence
 
 
 @jax.tree_util.register_dataclass
@@ -215,5 +195,69 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_vals - lse)
 
 
-def split_seed(seed: int) -> tuple[np.uint32, np.uint32]:
-    return np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+# The runner's entry: the batch built from the sequences, packed into one int32 and one float32
+# buffer (`runner/packing.py`: one host-to-device copy each), and the output handed back as one
+# [rows, 2 + 2 * MAX_LOGPROBS] float32 array, int columns bit-cast (one device-to-host copy):
+#
+#     column 0: token (int32 bits)   1: its logprob   2..: top ids (int32 bits)   then top logprobs
+def _sample_packed(logits, layout, ibuf, fbuf):
+    out = sample(logits, packing.unpack(layout, ibuf, fbuf))
+    as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)  # noqa: E731
+    columns = [as_f32(out.tokens)[:, None], out.logprobs[:, None]]
+    return jnp.concatenate(columns + [as_f32(out.top_ids), out.top_logprobs], axis=1)
+
+
+_sample_step = jax.jit(_sample_packed, static_argnums=(1,))
+
+
+@dataclasses.dataclass
+class Samples:
+    """One step's sampled tokens on the host, one row per sequence that sampled."""
+
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32: of each sampled token
+    top_ids: np.ndarray | None  # [n, MAX_LOGPROBS] int32, when any row asked for logprobs
+    top_logprobs: np.ndarray | None  # [n, MAX_LOGPROBS] float32
+
+
+@dataclasses.dataclass
+class PendingSamples:
+    """Samples still on the device (the step is dispatched, perhaps still running)."""
+
+    out: jax.Array  # [rows, 2 + 2 * MAX_LOGPROBS], see _sample_packed
+    num_seqs: int
+    want_logprobs: bool
+
+    def fetch(self) -> Samples:
+        """Blocks until the step is done; its samples on the host."""
+        host = np.asarray(self.out)[: self.num_seqs]
+        tokens = np.ascontiguousarray(host[:, 0]).view(np.int32)
+        logprobs = np.ascontiguousarray(host[:, 1])
+        top_ids = top_lps = None
+        if self.want_logprobs:
+            top_ids = np.ascontiguousarray(host[:, 2 : 2 + MAX_LOGPROBS]).view(np.int32)
+            top_lps = np.ascontiguousarray(host[:, 2 + MAX_LOGPROBS :])
+        return Samples(tokens, logprobs, top_ids, top_lps)
+
+
+class Sampler:
+    """Samples one token for each of a step's sequences from its logits row, on the device."""
+
+    def __init__(self, history_len: int) -> None:
+        self.history_len = history_len  # the penalty history's width (max_model_len)
+
+    def sample(self, logits: jax.Array, seqs: list[Sequence]) -> PendingSamples:
+        """Dispatches sampling for `seqs` (rows 0..len(seqs)-1 of `logits` [rows, V])."""
+        batch = SamplingBatch.from_sequences(seqs, logits.shape[0], self.history_len)
+        out = self._run(logits, batch)
+        return PendingSamples(out, len(seqs), bool(batch.want_logprobs))
+
+    def warmup(self, logits: jax.Array) -> None:
+        """Compiles the sampler's programs for logits of this shape [rows, V]."""
+        for batch in SamplingBatch.warmup_variants(logits.shape[0], self.history_len):
+            jax.block_until_ready(self._run(logits, batch))
+
+    @staticmethod
+    def _run(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+        layout, ibuf, fbuf = packing.pack(batch)
+        return _sample_step(logits, layout, ibuf, fbuf)

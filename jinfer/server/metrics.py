@@ -23,7 +23,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jinfer.outputs import RequestOutput
-from jinfer.runner.model_runner import num_compiles
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # no `_created` series: vLLM's exposition has none
@@ -102,7 +101,7 @@ class _EngineCollector(Collector):
         )
         yield self._counter("jinfer:engine_steps", "Engine steps run.", stats.num_steps)
         yield self._counter(
-            "jinfer:xla_compiles", "XLA compilations in this process.", num_compiles()
+            "jinfer:xla_compiles", "XLA compilations in this process.", e.num_compiles
         )
 
 

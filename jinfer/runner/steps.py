@@ -1,0 +1,75 @@
+"""The model's jitted entry points: one program per token bucket, or per bucket and layer kind.
+
+The model compiles apart from the sampler (`sample/sampler.py`): a new sampling variant costs a
+small compile, never a recompile of the model. The programs are module-level, so engines with
+the same config and shapes share them. They take the step's small inputs packed
+(`packing.py`): one int32 and one float32 buffer per call instead of ~30 separate host-to-device
+copies. The cache is donated to every program: the page pool is updated in place, never copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jinfer.attention.kv_cache import KVCache
+from jinfer.config.model import LayerKind, ModelConfig
+from jinfer.models import decoder
+from jinfer.models.params import Params
+from jinfer.runner import packing
+
+
+# compile_unit="step": the whole forward pass of a bucket as one program, the cache donated.
+def _forward_packed(params, cfg, layout, ibuf, fbuf, cache):
+    tokens, meta, logits_idx = packing.unpack(layout, ibuf, fbuf)
+    return decoder.forward(params, cfg, tokens, meta, cache, logits_idx)
+
+
+_forward_step = jax.jit(_forward_packed, static_argnums=(1, 2), donate_argnums=(5,))
+
+
+# compile_unit="layer": the same step as one program per layer kind (plus embed and head), run
+# layer by layer from Python. Each program is ~1/L of the whole step, and every layer of a kind
+# shares it, so warm-up compiles (and a restart loads) ~L times less code.
+def _embed_packed(edge_params, cfg, layout, ibuf, fbuf):
+    tokens, _, _ = packing.unpack(layout, ibuf, fbuf)
+    return decoder.embed(edge_params, cfg, tokens)
+
+
+def _layer_packed(p, cfg, kind, layout, ibuf, fbuf, x, k_pages, v_pages):
+    _, meta, _ = packing.unpack(layout, ibuf, fbuf)
+    return decoder.decoder_layer(cfg, kind, p, x, k_pages, v_pages, meta)
+
+
+def _head_packed(edge_params, cfg, layout, ibuf, fbuf, x):
+    _, _, logits_idx = packing.unpack(layout, ibuf, fbuf)
+    return decoder.logits_head(edge_params, cfg, x, logits_idx)
+
+
+_embed_step = jax.jit(_embed_packed, static_argnums=(1, 2))
+_layer_step = jax.jit(_layer_packed, static_argnums=(1, 2, 3), donate_argnums=(7, 8))
+_head_step = jax.jit(_head_packed, static_argnums=(1, 2))
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    inputs: tuple,  # (tokens [T], AttentionMetadata, logits_idx [rows]), host arrays
+    compile_unit: str,  # "step" or "layer"
+    layer_kinds: tuple[LayerKind, ...],  # cfg.layer_kind(i) of every layer, for "layer"
+    num_layers: int | None = None,  # layer programs: run only the first n layers (warm-up)
+) -> tuple[jax.Array, KVCache]:  # logits [rows, V] float32, the updated cache
+    """Dispatches one step's forward pass (it returns before the device is done)."""
+    layout, ibuf, fbuf = packing.pack(inputs)
+    if compile_unit == "step":
+        return _forward_step(params, cfg, layout, ibuf, fbuf, cache)
+    ibuf, fbuf = jax.device_put((ibuf, fbuf))  # once, not once per layer
+    edges = dataclasses.replace(params, layers=())  # embed, final norm, lm_head
+    x = _embed_step(edges, cfg, layout, ibuf, fbuf)  # [T, D]
+    ks, vs = list(cache.k), list(cache.v)
+    for i, p in enumerate(params.layers[:num_layers]):
+        x, ks[i], vs[i] = _layer_step(p, cfg, layer_kinds[i], layout, ibuf, fbuf, x, ks[i], vs[i])
+    cache = KVCache(k=tuple(ks), v=tuple(vs), layout=cache.layout)
+    return _head_step(edges, cfg, layout, ibuf, fbuf, x), cache

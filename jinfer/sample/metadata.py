@@ -1,0 +1,133 @@
+"""`SamplingBatch`: the sampler's per-row settings, built from the sequences of one step.
+
+The runner hands the sampler the sequences that reached the end of their known tokens; this
+module turns their `SamplingParams` (and, for penalties, their token history) into fixed-width
+host arrays, one row per sequence and greedy padding rows, which the sampler's one compiled
+program reads. Nothing here is per request on the device: every mix of settings is data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jinfer.scheduler.sequence import Sequence
+
+NEG_INF = -1e30  # a banned token's logit bias
+
+# Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
+# the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
+# sampler programs down; the scatter of [rows, 512] is noise next to the [rows, V] softmax.
+BIAS_WIDTH = 512
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingBatch:
+    temperature: jax.Array  # [B] f32; 0 = greedy
+    top_k: jax.Array  # [B] i32; 0 = off
+    top_p: jax.Array  # [B] f32; 1 = off
+    min_p: jax.Array  # [B] f32; 0 = off
+    repetition_penalty: jax.Array  # [B] f32
+    presence_penalty: jax.Array  # [B] f32
+    frequency_penalty: jax.Array  # [B] f32
+    seed_lo: jax.Array  # [B] u32
+    seed_hi: jax.Array  # [B] u32
+    counter: jax.Array  # [B] i32: index of the token being sampled
+    bias_ids: jax.Array  # [B, NB] i32; -1 = unused (min_tokens bans, logit_bias)
+    bias_vals: jax.Array  # [B, NB] f32
+    history: jax.Array  # [B, Lh] i32: prompt + output ids, -1 padded (penalties only)
+    history_is_output: jax.Array  # [B, Lh] bool
+    want_logprobs: jax.Array  # [] bool: any row asked for top-N logprobs
+    use_penalties: jax.Array  # [] bool
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], rows: int, history_len: int) -> SamplingBatch:
+        """The sampling settings of `seqs` in `rows` padded rows (padding rows are greedy);
+        `history_len`: the penalty history's width (the engine's max_model_len)."""
+        f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
+        temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
+        rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
+        top_k = np.zeros(rows, np.int32)
+        seed_lo = np.zeros(rows, np.uint32)
+        seed_hi = np.zeros(rows, np.uint32)
+        counter = np.zeros(rows, np.int32)
+        biases = [_logit_bias(s) for s in seqs]
+        bias_ids = np.full((rows, BIAS_WIDTH), -1, np.int32)
+        bias_vals = np.zeros((rows, BIAS_WIDTH), np.float32)
+        want_logprobs = use_penalties = False
+        for i, s in enumerate(seqs):
+            p = s.params
+            temperature[i], top_p[i], min_p[i], top_k[i] = p.temperature, p.top_p, p.min_p, p.top_k
+            rep[i], pres[i], freq[i] = (
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+            )
+            seed_lo[i], seed_hi[i] = split_seed(s.seed)
+            counter[i] = s.num_output_tokens
+            bias_ids[i, : len(biases[i])] = list(biases[i])
+            bias_vals[i, : len(biases[i])] = list(biases[i].values())
+            want_logprobs |= p.logprobs is not None
+            use_penalties |= p.uses_penalties
+        history, is_output = _history(seqs if use_penalties else [], rows, history_len)
+        return cls(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=rep,
+            presence_penalty=pres,
+            frequency_penalty=freq,
+            seed_lo=seed_lo,
+            seed_hi=seed_hi,
+            counter=counter,
+            bias_ids=bias_ids,
+            bias_vals=bias_vals,
+            history=history,
+            history_is_output=is_output,
+            want_logprobs=np.bool_(want_logprobs),
+            use_penalties=np.bool_(use_penalties),
+        )
+
+    @classmethod
+    def warmup_variants(cls, rows: int, history_len: int) -> list[SamplingBatch]:
+        """One batch per shape the sampler's program takes: without and with the penalty
+        history (warm-up compiles both)."""
+        base = cls.from_sequences([], rows, history_len)
+        return [
+            dataclasses.replace(
+                base,
+                history=np.full((rows, length), -1, np.int32),
+                history_is_output=np.zeros((rows, length), np.bool_),
+            )
+            for length in (1, history_len)
+        ]
+
+
+def _logit_bias(seq: Sequence) -> dict[int, float]:
+    """The request's logit_bias, plus a ban on stop tokens while min_tokens is not reached."""
+    p = seq.params
+    bias = dict(p.logit_bias)
+    if seq.num_output_tokens < p.min_tokens:
+        for t in list(p.stop_token_ids) + list(seq.eos_token_ids):
+            bias[t] = NEG_INF
+    return bias
+
+
+def _history(seqs: list[Sequence], rows: int, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt + output ids of each row, for penalties; a [rows, 1] stub when none uses them."""
+    length = history_len if seqs else 1
+    history = np.full((rows, length), -1, np.int32)
+    is_output = np.zeros((rows, length), np.bool_)
+    for i, s in enumerate(seqs):
+        ids = s.all_token_ids()[:length]
+        history[i, : len(ids)] = ids
+        is_output[i, s.num_prompt_tokens : len(ids)] = True
+    return history, is_output
+
+
+def split_seed(seed: int) -> tuple[np.uint32, np.uint32]:
+    return np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
