@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from jinfer.engine.detokenizer import IncrementalDetokenizer
+from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 # Also read (with ast) by scripts/make_tokenizer_fixtures.py: rerun it after editing this list.
 SAMPLE_TEXTS = [

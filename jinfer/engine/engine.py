@@ -7,7 +7,6 @@ from one background thread.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -16,76 +15,20 @@ import numpy as np
 from jinfer.attention.kv_cache import KVCache
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
+from jinfer.engine.output_processor import OutputProcessor, RequestState
+from jinfer.engine.stats import EngineStats
 from jinfer.models.params import Params
-from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jinfer.outputs import RequestOutput
 from jinfer.runner import buckets
 from jinfer.runner.compilation import num_compiles
-from jinfer.runner.model_runner import ModelRunner, StepResult
+from jinfer.runner.model_runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
-from jinfer.tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jinfer.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _SeqState:
-    seq: Sequence
-    index: int
-    detok: IncrementalDetokenizer
-    text: str = ""
-    checked_upto: int = 0  # how much of `text` stop strings have been searched in
-    # Per-token logprob dicts built so far: each step adds one, never rebuilding the rest.
-    logprob_entries: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    states: list[_SeqState]
-    metrics: RequestMetrics
-
-    @property
-    def finished(self) -> bool:
-        return all(s.seq.is_finished for s in self.states)
-
-
-@dataclasses.dataclass
-class EngineStats:
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    # Wall seconds inside step(), and the part of them spent blocked on the device's results;
-    # the rest (scheduling, building inputs, dispatch, stop checks, outputs) is host time, during
-    # which the device idles: the loop is synchronous.
-    step_time: float = 0.0
-    device_time: float = 0.0
-    # Prefix cache, in tokens, counted at each admission (vllm:prefix_cache_queries / _hits).
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    # (bucket, "prefill" | "decode") -> [steps, runner seconds, real tokens]: where step time
-    # goes by compiled program ("prefill": the step runs some prompt tokens).
-    steps_by_bucket: dict[tuple[int, str], list[float]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def host_time(self) -> float:
-        return self.step_time - self.device_time
-
-    @property
-    def host_fraction(self) -> float:
-        """Share of step wall time the device waited on the host (issue 5's goal: < 0.10)."""
-        return self.host_time / self.step_time if self.step_time else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return (
-            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-        )
 
 
 class Engine:
@@ -127,8 +70,8 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, granularity),
             self.blocks,
         )
-        self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.output = OutputProcessor(tokenizer, config.max_model_len, self.stats)
         self.warmup_time = 0.0
         self._rng = np.random.default_rng(config.seed)
         self._arrivals = 0
@@ -147,7 +90,7 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
         self.validate_params(params)
-        states = []
+        seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
             seq = Sequence(
@@ -160,11 +103,9 @@ class Engine:
                 parent_id=request_id,
             )
             self._arrivals += 1
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            states.append(_SeqState(seq, i, detok))
+            seqs.append(seq)
             self.scheduler.add(seq)
-        metrics = RequestMetrics(arrival_time=time.monotonic())
-        self.requests[request_id] = _Request(request_id, prompt, ids, states, metrics)
+        self.output.add_request(request_id, prompt, ids, seqs)
         self.stats.num_prompt_tokens += len(ids)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
@@ -196,7 +137,7 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Ends a request wherever it is; its pages return at once. False if unknown."""
-        req = self.requests.pop(request_id, None)
+        req = self.output.requests.pop(request_id, None)
         if req is None:
             return False
         for state in req.states:
@@ -218,132 +159,22 @@ class Engine:
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        self.stats.num_preemptions += len(plan.preempted)
-        if self.config.enable_prefix_caching:
-            for seq, num_cached in plan.admitted:
-                self.stats.prefix_cache_queries += seq.num_tokens
-                self.stats.prefix_cache_hits += num_cached
+        self.stats.record_plan(plan, self.config.enable_prefix_caching)
         if plan.is_empty:
             return []
-        now = time.monotonic()
-        for seq, _ in plan.scheduled:
-            metrics = self.requests[seq.parent_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
+        self.output.mark_scheduled(plan)
         result = self.runner.execute(plan)
         self.scheduler.on_step_done(plan)
-        self.stats.num_steps += 1
-        self.stats.device_time += result.device_time
-        kind = "prefill" if any(n > 1 for _, n in plan.scheduled) else "decode"
-        tally = self.stats.steps_by_bucket.setdefault((result.bucket, kind), [0, 0.0, 0])
-        tally[0] += 1
-        tally[1] += result.host_time + result.device_time
-        tally[2] += plan.num_tokens
-        touched = self._postprocess(result)
-        return [self._output(req) for req in touched if req.finished or not finished_only]
+        self.stats.record_step(plan, result)
+        touched, done = self.output.process(result)
+        for seq, reason in done:
+            self.scheduler.finish(seq, reason)
+        return [self.output.output(req) for req in touched if req.finished or not finished_only]
 
-    def _postprocess(self, result: StepResult) -> list[_Request]:
-        touched: dict[str, _Request] = {}
-        now = time.monotonic()
-        for row, seq in enumerate(result.seqs):
-            if seq.is_finished:  # aborted meanwhile
-                continue
-            req_id = seq.parent_id
-            req = self.requests[req_id]
-            state = next(s for s in req.states if s.seq is seq)
-            token = int(result.tokens[row])
-            seq.output_token_ids.append(token)
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            self.stats.num_generated_tokens += 1
-            if seq.params.logprobs is not None:
-                n = seq.params.logprobs
-                top = [
-                    (int(i), float(v))
-                    for i, v in zip(
-                        result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True
-                    )
-                ]
-                seq.logprobs.append((float(result.logprobs[row]), top))
-            reason = self._check_stop(state, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            touched[req_id] = req
-        return list(touched.values())
-
-    def _check_stop(self, state: _SeqState, token: int) -> str | None:
-        """Appends the token's text and returns a finish reason, or None to go on."""
-        seq, p = state.seq, state.seq.params
-        past_min = seq.num_output_tokens >= p.min_tokens
-        if past_min and token in seq.eos_token_ids:
-            return "stop"  # EOS text is never part of the output
-        if past_min and token in p.stop_token_ids:
-            seq.stop_reason = token
-            return "stop"
-        state.text += state.detok.add(token)
-        if past_min and p.stop and self._find_stop(state) is not None:
-            return "stop"
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-            seq.num_tokens >= self.config.max_model_len
-        ):
-            state.text += state.detok.flush()
-            return "length"
-        return None
-
-    def _find_stop(self, state: _SeqState) -> str | None:
-        """Searches the newly added text for a stop string (which may span tokens)."""
-        p = state.seq.params
-        longest = max(len(s) for s in p.stop)
-        start = max(0, state.checked_upto - longest + 1)
-        best: tuple[int, str] | None = None
-        for stop in p.stop:
-            i = state.text.find(stop, start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, stop)
-        state.checked_upto = len(state.text)
-        if best is None:
-            return None
-        i, stop = best
-        state.text = state.text[: i + len(stop)] if p.include_stop_str_in_output else state.text[:i]
-        state.seq.stop_reason = stop
-        return stop
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outputs = []
-        for state in req.states:
-            seq = state.seq
-            logprobs = None
-            if seq.params.logprobs is not None:
-                built = state.logprob_entries
-                for i in range(len(built), len(seq.logprobs)):
-                    chosen_lp, top = seq.logprobs[i]
-                    entry = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(top)}
-                    entry.setdefault(seq.output_token_ids[i], Logprob(chosen_lp))
-                    built.append(entry)
-                logprobs = list(built)
-            outputs.append(
-                CompletionOutput(
-                    index=state.index,
-                    text=state.text,
-                    token_ids=list(seq.output_token_ids),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    logprobs=logprobs,
-                )
-            )
-        finished = req.finished
-        if finished:
-            self.requests.pop(req.request_id, None)
-            req.metrics.finished_time = time.monotonic()
-        return RequestOutput(
-            req.request_id,
-            req.prompt,
-            req.prompt_token_ids,
-            outputs,
-            finished,
-            dataclasses.replace(req.metrics),
-            num_cached_tokens=req.states[0].seq.num_cached_tokens or 0,
-        )
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """Requests in flight, by id (a finished one leaves once its output is built)."""
+        return self.output.requests
 
     def warmup(self) -> float:
         """Compiles every program a step may run (the runner's buckets); seconds taken."""
