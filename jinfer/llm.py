@@ -17,8 +17,7 @@ from typing import Any
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.engine.builder import build_engine
-from jinfer.loader import named_models
-from jinfer.loader.weights import load_weights
+from jinfer.loader import load_weights, named_models
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.sampling_params import SamplingParams

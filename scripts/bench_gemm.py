@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.loader import named_models
-from jinfer.loader.weights import load_weights
+from jinfer.loader import load_weights, named_models
 from jinfer.models import decoder
 
 

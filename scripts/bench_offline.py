@@ -350,7 +350,7 @@ def main() -> None:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from jinfer.loader.weights import load_weights
+    from jinfer.loader import load_weights
     from jinfer.models.params import init_params
     from jinfer.tokenizer.tokenizer import load_tokenizer
 

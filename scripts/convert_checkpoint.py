@@ -32,8 +32,8 @@ import jax
 import numpy as np
 
 from jinfer.config.model import ModelConfig
-from jinfer.loader import named_models
-from jinfer.loader.weights import CONFIG_FILE, load_weights, save_orbax
+from jinfer.loader import load_weights, named_models
+from jinfer.loader.orbax import CONFIG_FILE, save_orbax
 from jinfer.models.params import Params
 from jinfer.tokenizer.tokenizer import load_tokenizer
 

@@ -12,8 +12,7 @@ from jinfer.attention import resolve_backend
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.attention.pallas import PALLAS, ragged_layout
 from jinfer.attention.xla import XLA
-from jinfer.loader import named_models
-from jinfer.loader.weights import load_weights
+from jinfer.loader import load_weights, named_models
 from jinfer.tokenizer.tokenizer import load_tokenizer
 
 

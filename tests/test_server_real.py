@@ -180,7 +180,7 @@ def test_chat_logprobs_are_ranked(client):
 def test_sigterm_during_traffic_exits_zero(tmp_path, smollm2_tokenizer):
     from conftest import tiny_config
 
-    from jinfer.loader.weights import save_orbax
+    from jinfer.loader.orbax import save_orbax
     from jinfer.models.params import init_params
 
     cfg = tiny_config()

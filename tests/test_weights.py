@@ -1,7 +1,7 @@
 """Weight loading: HF safetensors directories against transformers, orbax round trips, bad files.
 
 The HF tests write tiny random-weight checkpoints with transformers (every norm perturbed away
-from its init, so a wrong norm convention shows), load them with `jinfer.loader.weights.load_weights`
+from its init, so a wrong norm convention shows), load them with `jinfer.loader.load_weights`
 and compare jinfer's logits at every position with transformers' eager-attention logits.
 """
 
@@ -23,8 +23,8 @@ from jinfer.attention.kv_cache import init_cache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.attention.xla import XLA
 from jinfer.config.model import ModelConfig
-from jinfer.loader import named_models
-from jinfer.loader.weights import WeightsError, load_orbax, load_weights, save_orbax
+from jinfer.loader import WeightsError, load_weights, named_models
+from jinfer.loader.orbax import load_orbax, save_orbax
 from jinfer.models import decoder
 from jinfer.models.params import Params, init_params
 

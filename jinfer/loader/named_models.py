@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from jinfer.loader.weights import CONFIG_FILE
+from jinfer.loader.orbax import CONFIG_FILE
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
