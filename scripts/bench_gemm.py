@@ -1,4 +1,4 @@
-"""The model's weight products alone, at its own shapes: XLA (as `decoder.dense` runs them) and,
+"""The model's weight products alone, at its own shapes: XLA (as `models/layers.py: dense` runs them) and,
 where torch is installed, PyTorch on the same CPU threads.
 
     python scripts/bench_gemm.py                              # SmolLM2, 1 / 32 / 544 rows
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.loader import load_weights, named_models
-from jinfer.models import decoder
+from jinfer.models.layers import dense
 
 
 def shapes(cfg) -> dict[str, tuple[int, int, int]]:
@@ -56,7 +56,7 @@ def xla_rate(rows: int, k: int, n: int, copies: int) -> float:
     rng = np.random.default_rng(0)
     ws = [jnp.asarray(rng.standard_normal((k, n), np.float32)) for _ in range(copies)]
     x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
-    f = jax.jit(lambda x, w: decoder.dense("td,df->tf", x, w))
+    f = jax.jit(lambda x, w: dense("td,df->tf", x, w))
 
     def run() -> None:
         jax.block_until_ready([f(x, w) for w in ws])

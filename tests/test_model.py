@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.models.decoder import BF16_MIN_ROWS_CPU, dense
+from jinfer.models.layers import BF16_MIN_ROWS_CPU, dense
 
 
 @pytest.mark.parametrize("rows", [1, BF16_MIN_ROWS_CPU - 1, BF16_MIN_ROWS_CPU, 9])

@@ -2,7 +2,8 @@
 
 One code path covers the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2) and Gemma 3
 (sliding/global layers with their own rope bases, QK-norm, sandwich norms, scaled embeddings,
-GeGLU, soft-caps). Dimension letters are declared in `config.py`.
+GeGLU, soft-caps), from the blocks of `layers.py`. Dimension letters are declared in
+`config/model.py`.
 
 The model reads and writes the paged KV cache but knows nothing of requests: the runner hands
 it a flat token batch and `AttentionMetadata`.
@@ -10,83 +11,15 @@ it a flat token batch and `AttentionMetadata`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from jinfer.attention import paged_attention, write_kv
 from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.config.model import LayerKind, ModelConfig, RopeScaling
+from jinfer.config.model import LayerKind, ModelConfig
+from jinfer.models.layers import activation, apply_rope, dense, rms_norm, rope_frequencies
 from jinfer.models.params import LayerParams, Params
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in float32; `scale` is the full multiplier (Gemma's 1 + w folded in at load)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling."""
-    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv
-    if scaling.kind == "linear":
-        return inv / scaling.factor
-    # llama3: long wavelengths scaled by `factor`, short kept, a smooth ramp between.
-    old = scaling.original_max_position_embeddings
-    low_wavelen = old / scaling.low_freq_factor
-    high_wavelen = old / scaling.high_freq_factor
-    wavelen = 2 * jnp.pi / inv
-    smooth = (old / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
-    mid = (1 - smooth) * inv / scaling.factor + smooth * inv
-    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return jnp.where(is_mid, mid, scaled)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding, NeoX/HF layout (halves rotate). x: [T, heads, H], positions: [T]."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-# XLA:CPU's bfloat16 product of a single row (a GEMV) misses its fast path: [1, 576] x
-# [576, 1536] takes 1.4 ms against 0.2 ms for 2 rows (float32, 1 row: 0.1 ms). Products of
-# fewer rows are padded to this many on CPU (SmolLM2 in bfloat16, one stream decoding: 9.3 ->
-# 25.8 tok/s; 4 or 8 rows: the same).
-BF16_MIN_ROWS_CPU = 2
-
-
-def dense(spec: str, x: jax.Array, w: jax.Array, out_dtype: Any = None) -> jax.Array:
-    """A weight product `jnp.einsum(spec, x, w)` accumulated in float32, returned in
-    `out_dtype` (default: x's dtype). `spec` puts x's rows first (`"td,df->tf"`).
-
-    Asking for the float32 result matters on CPU: XLA:CPU runs a bfloat16 product that returns
-    bfloat16 on a slow generic path, and one that returns float32 on its fast one (AVX512-BF16 /
-    AMX). [32, 576] x [576, 1536]: 35 against 330 GFLOP/s (float32 inputs: ~110). For float32
-    inputs this is the plain product."""
-    rows = x.shape[0]
-    if x.dtype == jnp.bfloat16 and rows < BF16_MIN_ROWS_CPU and jax.default_backend() == "cpu":
-        x = jnp.pad(x, [(0, BF16_MIN_ROWS_CPU - rows)] + [(0, 0)] * (x.ndim - 1))
-    out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    return out[:rows].astype(out_dtype or x.dtype)
-
-
-def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    if cfg.hidden_act == "gelu_tanh":
-        return jax.nn.gelu(x, approximate=True)
-    return jax.nn.silu(x)
 
 
 def attention_block(
@@ -126,7 +59,7 @@ def attention_block(
 
 
 def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
-    gate = _activation(cfg, dense("td,df->tf", x, p.w_gate))  # [T, F]
+    gate = activation(cfg, dense("td,df->tf", x, p.w_gate))  # [T, F]
     return dense("tf,fd->td", gate * dense("td,df->tf", x, p.w_up), p.w_down)  # [T, D]
 
 
