@@ -1,5 +1,5 @@
-"""The model's weight products alone, at its own shapes: XLA (as `models/layers.py: dense` runs them) and,
-where torch is installed, PyTorch on the same CPU threads.
+"""The model's weight products alone, at its own shapes: XLA (as `models/layers.py: dense` runs
+them) and, where torch is installed, PyTorch on the same CPU threads.
 
     python scripts/bench_gemm.py                              # SmolLM2, 1 / 32 / 544 rows
     python scripts/bench_gemm.py --model gemma3-270m --rows 32

@@ -12,8 +12,8 @@ Usage::
     .venv/bin/python scripts/convert_checkpoint.py --model gemma3-270m --out /tmp/gemma
     .venv/bin/python scripts/convert_checkpoint.py --model path/to/model.gguf --out ckpt/
 
-A named model (see `jinfer.loader.named_models.NAMED_MODELS`) is always converted from its package's GGUF
-file, never from an existing converted checkpoint; its default output is
+A named model (see `jinfer.loader.named_models.NAMED_MODELS`) is always converted from its
+package's GGUF file, never from an existing converted checkpoint; its default output is
 `checkpoints/<name>` (`$JINFER_CHECKPOINT_DIR/<name>` when set), where `LLM(model=<name>)` then
 finds it. After writing, the checkpoint is loaded back, compared with the source weights and
 both load times are logged.

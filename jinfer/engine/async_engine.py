@@ -81,8 +81,8 @@ class _Pending:
 
 
 class AsyncEngine:
-    """Runs `engine` on a background thread. `engine` is a `jinfer.engine.engine.Engine` (or one with the
-    same methods: add_request, abort, step, has_unfinished_requests)."""
+    """Runs `engine` on a background thread. `engine` is a `jinfer.engine.engine.Engine` (or one
+    with the same methods: add_request, abort, step, has_unfinished_requests)."""
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""jinfer's orbax checkpoints: `jinfer_config.json` and `params/` (`scripts/convert_checkpoint.py`)."""
+"""jinfer's orbax checkpoints: `jinfer_config.json` and `params/`, as
+`scripts/convert_checkpoint.py` writes them."""
 
 from __future__ import annotations
 

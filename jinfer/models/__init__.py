@@ -1,1 +1,2 @@
-"""Models: parameters with their logical axes (`params.py`) and the forward pass as free functions."""
+"""Models: parameters with their logical axes (`params.py`), the forward pass as free functions
+(`decoder.py`) over the blocks of `layers.py`."""
