@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from _bench_util import copy_bandwidth
 
-from jinfer.attention import get_backend
+from jinfer.attention import BACKENDS, get_backend
 from jinfer.attention.kv_cache import init_cache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import ModelConfig
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[1024])
     ap.add_argument("--page-size", type=int, default=None, help="default: the backend's")
-    ap.add_argument("--attention-backend", nargs="+", default=["xla"], choices=["xla", "pallas"])
+    ap.add_argument("--attention-backend", nargs="+", default=["xla"], choices=list(BACKENDS))
     ap.add_argument("--copy-bytes", type=int, default=1 << 30)
     ap.add_argument("--matmul-only", action="store_true", help="also time the bare matmuls")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run")

@@ -107,3 +107,26 @@ def make_tiny_llm(smollm2_tokenizer):
         return LLM.from_params(cfg, params, smollm2_tokenizer, **kwargs)
 
     return make
+
+
+# The HTTP server over the echo engine, one per test module (test_server_http.py,
+# test_server_errors.py; test_server_real.py brings its own real-model `server`).
+@pytest.fixture(scope="module")
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    from server_util import start
+
+    with start(tok) as s:
+        s.wait_ready()
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

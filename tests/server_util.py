@@ -24,6 +24,7 @@ from jinfer.engine.engine import Engine
 from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.plan import StepPlan
+from jinfer.server.app import ServerConfig, create_app
 
 
 class EchoRunner:
@@ -118,3 +119,29 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) ->
             return True
         time.sleep(interval)
     return predicate()
+
+
+MODEL = "echo-model"
+
+
+def start(tok, config: ServerConfig | None = None, step_delay: float = 0.002, **engine_kw):
+    engine = make_echo_engine(tok, step_delay=step_delay, **engine_kw)
+    app = create_app(config or ServerConfig(MODEL), lambda: (engine, tok))
+    server = LiveServer(app)
+    server.engine = engine
+    return server
+
+
+def expected_text(tok, prompt: str, n: int) -> str:
+    return tok.decode(echo_tokens(tok.encode(prompt), n))
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def assert_idle(server) -> None:
+    engine = server.engine
+    assert wait_until(lambda: not engine.has_unfinished_requests() and not engine.requests)
+    assert engine.kv_cache_usage() == 0.0
+    engine.check_invariants()
