@@ -15,6 +15,8 @@ from typing import Any
 from jinfer.config.engine import EngineConfig, OptionError, options
 from jinfer.loader.named_models import DEFAULT_MODEL
 
+_ADDED = "engine_option_flags"  # the namespace attribute naming the options add_engine_args added
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -25,9 +27,10 @@ def add_engine_args(parser: argparse.ArgumentParser | Any, exclude: Iterable[str
     flag of that name means something else), to `parser` or an argument group;
     `parser.set_defaults` may change a default afterwards (generate.py's `--max-model-len`)."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a named model or a path")
-    for name, (field, opt) in options().items():
-        if name in exclude:
-            continue
+    added = tuple(name for name in options() if name not in exclude)
+    parser.set_defaults(**{_ADDED: added})  # which flags are the engine's (engine_options)
+    for name in added:
+        field, opt = options()[name]
         if opt.type is bool:
             parser.add_argument(
                 flag(name),
@@ -43,8 +46,7 @@ def add_engine_args(parser: argparse.ArgumentParser | Any, exclude: Iterable[str
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `LLM` keyword arguments (`model` and the engine options) the flags describe."""
-    names = ["model", *(n for n in options() if hasattr(args, n))]
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name in ("model", *getattr(args, _ADDED))}
 
 
 def check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
