@@ -36,12 +36,17 @@ SMALL_ENGINE = [
 
 @pytest.fixture(scope="module")
 def gen() -> ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))  # as running it does: its own modules (_records.py)
     spec = importlib.util.spec_from_file_location("jinfer_generate_script", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def derive_seed(base: int, record_id: str | int) -> int:
+    return sys.modules["_records"].derive_seed(base, record_id)  # loaded by `gen`
 
 
 def _write_jsonl(path: Path, lines: list[Any]) -> None:
@@ -84,12 +89,12 @@ def test_load_records_accepts_all_prompt_kinds_and_overrides(gen: ModuleType, tm
     assert [r.line for r in records] == [1, 3, 4]
     a, b, c = records
     assert a.prompt == "Hello" and a.params.temperature == 0.0 and a.params.max_tokens == 8
-    assert a.params.seed == gen.derive_seed(123, "a")  # derived from --seed and the id
+    assert a.params.seed == derive_seed(123, "a")  # derived from --seed and the id
     assert b.prompt_token_ids == [1, 2, 3]
     assert (b.params.temperature, b.params.seed, b.params.n) == (0.5, 11, 2)  # its own seed wins
     assert c.messages == [{"role": "user", "content": "Hi"}]
     assert c.params.stop == ["\n"] and c.params.max_tokens is None
-    assert gen.derive_seed(123, "a") == gen.derive_seed(123, "a") != gen.derive_seed(124, "a")
+    assert derive_seed(123, "a") == derive_seed(123, "a") != derive_seed(124, "a")
 
 
 def test_load_records_names_every_bad_line(gen: ModuleType, tmp_path: Path):
