@@ -17,8 +17,8 @@ if jax.default_backend() == "gpu":
 @pytest.fixture(autouse=True)
 def _bounded_compiled_programs():
     """This suite builds dozens of engines; past the kernel's memory-map limit the next compile
-    would abort the process (`compile_cache.bound_compiled_programs`). `LLM` checks before it
-    compiles; this also checks between tests (kernel tests compile without an `LLM`)."""
+    would abort the process (`runner/compilation.py: bound_compiled_programs`). `LLM` checks
+    before it compiles; this also checks between tests (kernel tests compile without an `LLM`)."""
     yield
     from jinfer.runner.compilation import bound_compiled_programs
 

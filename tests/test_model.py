@@ -1,4 +1,5 @@
-"""model.py's weight product (`dense`): float32 accumulation, and the CPU padding of bf16 GEMVs."""
+"""The weight product (`models/layers.py: dense`): float32 accumulation, and the CPU padding of
+bf16 GEMVs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where each scheduled token sits in the padded flat batch: decodes per token, prefill in blocks.
 
 A bucket of T tokens is split statically into region A (the first A tokens: the per-token
-attention path) and NB query blocks of Bq tokens (`blocked_attention.py`):
+attention path) and NB query blocks of Bq tokens (`attention/xla_prefill.py`):
 
     A = align(min(T, max_num_seqs), Bq)       (all of T when that leaves no block)
     [ d d d d . . . . | p p p p p . . . | p p p p p p p p | p p . . . . . . | . . . ]
