@@ -21,7 +21,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jinfer.attention import ATTENTION_BACKENDS, check_cache_dtype, get_backend, resolve_backend
+from jinfer.attention import (
+    ATTENTION_BACKENDS,
+    BACKENDS,
+    check_cache_dtype,
+    get_backend,
+    resolve_backend,
+)
 from jinfer.attention.backend import AttentionBackend
 from jinfer.config.cache import num_pages_to_fit
 from jinfer.config.model import ModelConfig
@@ -159,7 +165,9 @@ class EngineConfig:
     )
     page_size: int | None = option(
         None,
-        "tokens per KV-cache page (default: 64 for the XLA attention, 16 for Pallas)",
+        "tokens per KV-cache page (default: the attention backend's, "
+        + ", ".join(f"{b.name} {b.default_page_size}" for b in BACKENDS.values())
+        + ")",
         type=int,
         minimum=1,
         resolve=_page_size,

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from jinfer.attention.kv_cache import KVCache
+from jinfer.config.cache import pages_for
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.engine.output_processor import OutputProcessor, RequestState
@@ -53,7 +54,7 @@ class Engine:
                 f"attention_backend={config.attention_backend!r} with page_size="
                 f"{config.page_size} reads {layout!r} pages of {config.page_size}"
             )
-        max_pages_per_seq = -(-config.max_model_len // config.page_size)
+        max_pages_per_seq = pages_for(config.max_model_len, config.page_size)
         if cache.num_pages - 1 < max_pages_per_seq:
             raise ValueError(
                 f"KV cache too small: {cache.num_pages - 1} usable pages cannot hold one "

@@ -22,7 +22,7 @@ import numpy as np
 
 from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
-from jinfer.config.cache import SCRATCH_PAGE
+from jinfer.config.cache import SCRATCH_PAGE, pages_for
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models.params import Params
@@ -61,23 +61,22 @@ class ModelRunner:
         self.params = params
         self.cache = cache
         self.page_size = cache.page_size
-        self.max_num_seqs = max_num_seqs = config.max_num_seqs
-        max_num_batched_tokens, max_model_len = config.max_num_batched_tokens, config.max_model_len
-        self.max_model_len = max_model_len
-        self.backend = backend = config.backend
-        self.query_block = backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
+        self.max_num_seqs = config.max_num_seqs
+        self.max_model_len = config.max_model_len
+        self.backend = config.backend
+        self.query_block = self.backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
         platform = next(iter(cache.k[0].devices())).platform
         # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
         # bucket of 1; on accelerators a decode step is bound by reading the weights, padding
         # rows up to 8 are free, and each extra bucket is one more program to compile.
         smallest = 1 if platform == "cpu" else 8
         self.buckets = token_buckets(
-            max_num_batched_tokens, max_num_seqs, self.query_block, smallest=smallest
+            config.max_num_batched_tokens, self.max_num_seqs, self.query_block, smallest=smallest
         )
-        self.max_pages_per_seq = -(-max_model_len // self.page_size)
-        self.block_tables = np.zeros((max_num_seqs, self.max_pages_per_seq), np.int32)
+        self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
+        self.block_tables = np.zeros((self.max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
-        self.sampler = Sampler(history_len=max_model_len)
+        self.sampler = Sampler(history_len=self.max_model_len)
         self.compile_unit = config.compile_unit  # "step" or "layer"
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 

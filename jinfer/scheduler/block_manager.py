@@ -28,7 +28,7 @@ from collections.abc import Sequence as Pages
 
 import numpy as np
 
-from jinfer.config.cache import SCRATCH_PAGE
+from jinfer.config.cache import SCRATCH_PAGE, pages_for
 from jinfer.scheduler.prefix_cache import PrefixCache, extend_page_keys
 from jinfer.scheduler.sequence import Sequence
 
@@ -70,7 +70,7 @@ class BlockManager:
         return self.cache.num_evictions if self.cache else 0
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def num_new_pages(self, seq: Sequence, num_tokens: int) -> int:
         """Pages `seq` still needs to hold its first `num_tokens` positions."""
