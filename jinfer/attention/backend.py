@@ -41,6 +41,12 @@ class AttentionBackend:
         """Why `auto` must not pick this backend for such a model and mesh, or None."""
         return None
 
+    def decode_kernel(self, platform: str) -> bool:
+        """Whether decode-only steps (`AttentionMetadata.decode_only`) take a kernel of their
+        own on `platform`: the runner then builds a decode-only program for the buckets they
+        fit, and picks it on the host."""
+        return False
+
     def write(
         self,
         pages: jax.Array,  # one layer's k or v pool, in `self.layout`

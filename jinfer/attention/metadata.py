@@ -23,6 +23,12 @@ class AttentionMetadata:
     block_rows: jax.Array | None = None  # [NB] int32: block-table row of each block (padding -> 0)
     block_lens: jax.Array | None = None  # [NB] int32: real tokens at the block's front (0..Bq)
     query_block: int = dataclasses.field(default=16, metadata=dict(static=True))  # Bq
+    # What the host knew when it planned the step, so that the device never branches on it:
+    # the platform the step is compiled for (its kernels are chosen for it; None: the default
+    # backend's), and whether every token is its request's only token of the step (a
+    # decode-only step: backends with a decode kernel take it, `AttentionBackend.decode_kernel`).
+    platform: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_blocked_tokens(self) -> int:

@@ -13,8 +13,11 @@ Padding tokens become one-token runs over the scratch page: harmless, and it kee
 of engine conventions. The layout is derived inside the jitted step from arrays it already has,
 so shapes (S = T rows) stay static per token bucket and no new program is compiled.
 
-Kernel choice follows the platform the step is traced for: GPU -> the Triton kernels, TPU -> the
-Mosaic TPU kernel, CPU -> the GPU kernels in Pallas's interpreter (slow; for tests).
+Kernel choice follows the platform the step is compiled for (`AttentionMetadata.platform`): GPU
+-> the Triton kernels, TPU -> the Mosaic TPU kernel, CPU -> the GPU kernels in Pallas's
+interpreter (slow; for tests). On GPU (and in the interpreter) a decode-only step takes the
+split-K decode kernel and any other step the ragged one; the host knows which when it plans the
+step (`AttentionMetadata.decode_only`), so each is its own program and neither branches.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def pallas_paged_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> jax.Array:  # [T, N, H]
-    platform = jax.default_backend()
+    platform = meta.platform or jax.default_backend()
     opts = dict(window=window, softcap=softcap)
     if platform == "tpu":
         # One kernel for every step: decode is its one-query case (see ragged_tpu.py).
@@ -60,27 +63,19 @@ def pallas_paged_attention(
             q, k_pages, v_pages, kv_lens, meta.block_tables, cu_q_lens, rows, **opts
         )
     interpret = platform != "gpu"
-
-    def decode(q, k_pages, v_pages, meta):
-        # One token per run: token t is its own sequence.
+    if meta.decode_only:
+        # A decode-only step (the host knows; its own program): the split-K decode kernel, one
+        # token per run, so token t is its own sequence.
         kv_lens = meta.positions + 1
         pages = meta.block_tables[meta.seq_ids]  # [T, Pmax]
         return decode_gpu.paged_decode_attention(
             q, k_pages, v_pages, kv_lens, pages, **opts, interpret=interpret
         )
-
-    def ragged(q, k_pages, v_pages, meta):
-        kv_lens, rows, cu_q_lens = ragged_layout(meta)
-        pages = meta.block_tables[rows]  # [T, Pmax]
-        return ragged_gpu.ragged_paged_attention(
-            q, k_pages, v_pages, kv_lens, pages, cu_q_lens, **opts, interpret=interpret
-        )
-
-    # A decode-only step (every token starts its own run) takes the split-K decode kernel. Both
-    # branches live in the one compiled step: which runs is decided on the device.
-    pos, seq_ids = meta.positions, meta.seq_ids
-    all_decode = jnp.all((seq_ids[1:] != seq_ids[:-1]) | (pos[1:] != pos[:-1] + 1))
-    return jax.lax.cond(all_decode, decode, ragged, q, k_pages, v_pages, meta)
+    kv_lens, rows, cu_q_lens = ragged_layout(meta)
+    pages = meta.block_tables[rows]  # [T, Pmax]
+    return ragged_gpu.ragged_paged_attention(
+        q, k_pages, v_pages, kv_lens, pages, cu_q_lens, **opts, interpret=interpret
+    )
 
 
 class PallasBackend(AttentionBackend):
@@ -101,6 +96,9 @@ class PallasBackend(AttentionBackend):
         if platform == "gpu" and head_dim & (head_dim - 1):
             return f"head_dim {head_dim} is not a power of two (the GPU kernels tile it)"
         return None
+
+    def decode_kernel(self, platform: str) -> bool:
+        return platform != "tpu"  # TPU: the ragged kernel takes decodes as one-query runs
 
     def attend(self, q, k_pages, v_pages, meta, *, window, softcap):
         return pallas_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)

@@ -65,7 +65,10 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
         self.backend = config.backend
         self.query_block = self.backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
-        platform = next(iter(cache.k[0].devices())).platform
+        self.platform = platform = next(iter(cache.k[0].devices())).platform
+        # A decode-only step runs a program of its own where the backend has a decode kernel
+        # (chosen here, on the host: the device never branches on it).
+        self.decode_kernel = self.backend.decode_kernel(platform)
         # On CPU every padding row costs its share of the matmuls, so one stream decodes in a
         # bucket of 1; on accelerators a decode step is bound by reading the weights, padding
         # rows up to 8 are free, and each extra bucket is one more program to compile.
@@ -102,6 +105,7 @@ class ModelRunner:
         block_tables: np.ndarray,  # [R, Pmax] int32
         block_rows: np.ndarray,  # [NB] int32
         block_lens: np.ndarray,  # [NB] int32
+        decode_only: bool = False,
     ) -> AttentionMetadata:
         """One constructor for steps and warm-up, so both trace the same program per bucket."""
         return AttentionMetadata(
@@ -113,6 +117,8 @@ class ModelRunner:
             block_rows=block_rows,
             block_lens=block_lens,
             query_block=max(self.query_block, 1),
+            platform=self.platform,
+            decode_only=decode_only,
         )
 
     def _write_table(self, slot: int, table: list[int]) -> None:
@@ -172,6 +178,7 @@ class ModelRunner:
             self.block_tables,  # packed (copied) before the next step changes it
             placement.block_rows,
             placement.block_lens,
+            decode_only=self.decode_kernel and all(n == 1 for _, n in plan.scheduled),
         )
         return (tokens, meta, logits_idx), sampled
 
@@ -224,17 +231,36 @@ class ModelRunner:
         """Compiles every bucket with padding-only batches (they write to the scratch page)."""
         t0 = time.perf_counter()
         num_layers = self._warmup_layers()
-        for bucket in self.buckets:
+        programs = self.step_programs()
+        for bucket, decode_only in programs:
             rows = self._rows(bucket)
             zeros = np.zeros(bucket, np.int32)
             a = region_a(bucket, self.max_num_seqs, self.query_block)
             no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
             meta = self._meta(
-                zeros, zeros, zeros, np.zeros_like(self.block_tables), no_blocks, no_blocks
+                zeros,
+                zeros,
+                zeros,
+                np.zeros_like(self.block_tables),
+                no_blocks,
+                no_blocks,
+                decode_only,
             )
             logits_idx = np.zeros(rows, np.int32)
             logits = self._forward(zeros, meta, logits_idx, num_layers=num_layers)
-            self.sampler.warmup(logits)
+            if not decode_only:  # the sampler's programs depend on the rows alone
+                self.sampler.warmup(logits)
         elapsed = time.perf_counter() - t0
-        log.info("warm-up compiled %d buckets in %.1f s", len(self.buckets), elapsed)
+        log.info("warm-up compiled %d step programs in %.1f s", len(programs), elapsed)
         return elapsed
+
+    def step_programs(self) -> list[tuple[int, bool]]:
+        """(bucket, decode_only) of every model program a step may run: one per bucket, and a
+        decode-only one for each bucket a decode-only step can land in, where the backend has a
+        decode kernel (a token per running request, in the smallest bucket that holds them)."""
+        programs = [(b, False) for b in self.buckets]
+        if self.decode_kernel:
+            most = min(self.max_num_seqs, self.buckets[-1])  # one token per running request
+            decode = {next(b for b in self.buckets if b >= n) for n in range(1, most + 1)}
+            programs += [(b, True) for b in sorted(decode)]
+        return programs
