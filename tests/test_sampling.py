@@ -174,3 +174,49 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
     n_p = (np.cumsum(p, -1) - p < top_p).sum(-1)  # smallest prefix reaching top_p
     want = np.minimum(n_p, top_k or 1000)
     np.testing.assert_array_equal(kept[1000].sum(-1), want)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(temperature=0)] * 3,
+        [SamplingParams(temperature=0.8), SamplingParams(temperature=0)],
+        [SamplingParams(temperature=1.0, top_k=40), SamplingParams(temperature=0.7, top_k=5)],
+        [SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0, logprobs=3)],
+        [SamplingParams(temperature=1.0, top_k=300), SamplingParams(temperature=0.5, min_p=0.1)],
+        [SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5)],
+    ],
+    ids=["greedy", "sampled", "top_k", "top_p+logprobs", "wide_top_k+min_p", "penalties"],
+)
+def test_host_decided_variants_sample_what_the_device_decided_program_does(params):
+    """Accelerators pick a `SamplerVariant` per batch on the host (no conditional in any
+    program); CPU's one program decides on the device. Both give the same tokens and logprobs."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((4, 1000)) * 3).astype(np.float32)
+    seqs = [_seq(p, seed=i, outputs=[5, 9]) for i, p in enumerate(params)]
+    results = []
+    for on_host in (False, True):
+        batch = SamplingBatch.from_sequences(seqs, 4, history_len=64, decide_on_host=on_host)
+        assert (batch.variant is not None) == on_host
+        out = sample(logits, batch)
+        n = len(seqs)
+        results.append((np.asarray(out.tokens)[:n], np.asarray(out.logprobs)[:n]))
+        if any(p.logprobs for p in params):
+            results[-1] += (np.asarray(out.top_ids)[:n], np.asarray(out.top_logprobs)[:n])
+    for device, host in zip(*results, strict=True):
+        np.testing.assert_array_equal(device, host)
+
+
+def test_the_host_picks_the_variant_a_batch_needs():
+    def variant(*params):
+        seqs = [_seq(p) for p in params]
+        v = SamplingBatch.from_sequences(seqs, 4, history_len=8, decide_on_host=True).variant
+        return v.penalties, v.filtering
+
+    greedy, hot = SamplingParams(temperature=0, top_k=5), SamplingParams(temperature=0.8)
+    assert variant(greedy) == (False, "none")  # a greedy row's top_k filters nothing
+    assert variant(greedy, hot) == (False, "none")
+    assert variant(hot, SamplingParams(temperature=1, top_k=128)) == (False, "top_k")
+    assert variant(SamplingParams(temperature=1, top_k=129)) == (False, "top_p")  # beyond
+    assert variant(SamplingParams(temperature=1, top_k=5, top_p=0.9)) == (False, "top_p")
+    assert variant(SamplingParams(temperature=0, frequency_penalty=1.0)) == (True, "none")

@@ -56,6 +56,7 @@ class ModelRunner:
         params: Params,
         cache: KVCache,
         config: EngineConfig,  # resolved
+        platform: str | None = None,  # compile for it ("cpu", "gpu", "tpu"); None: the cache's
     ) -> None:
         self.cfg = cfg
         self.params = params
@@ -65,7 +66,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
         self.backend = config.backend
         self.query_block = self.backend.query_block  # Bq; 1: prefill runs are ragged, no blocks
-        self.platform = platform = next(iter(cache.k[0].devices())).platform
+        self.platform = platform = platform or next(iter(cache.k[0].devices())).platform
         # A decode-only step runs a program of its own where the backend has a decode kernel
         # (chosen here, on the host: the device never branches on it).
         self.decode_kernel = self.backend.decode_kernel(platform)
@@ -79,7 +80,7 @@ class ModelRunner:
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         self.block_tables = np.zeros((self.max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
-        self.sampler = Sampler(history_len=self.max_model_len)
+        self.sampler = Sampler(self.max_model_len, decide_on_host=platform != "cpu")
         self.compile_unit = config.compile_unit  # "step" or "layer"
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 
@@ -233,26 +234,41 @@ class ModelRunner:
         num_layers = self._warmup_layers()
         programs = self.step_programs()
         for bucket, decode_only in programs:
-            rows = self._rows(bucket)
-            zeros = np.zeros(bucket, np.int32)
-            a = region_a(bucket, self.max_num_seqs, self.query_block)
-            no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
-            meta = self._meta(
-                zeros,
-                zeros,
-                zeros,
-                np.zeros_like(self.block_tables),
-                no_blocks,
-                no_blocks,
-                decode_only,
-            )
-            logits_idx = np.zeros(rows, np.int32)
-            logits = self._forward(zeros, meta, logits_idx, num_layers=num_layers)
+            inputs = self._padding_inputs(bucket, decode_only)
+            logits = self._forward(*inputs, num_layers=num_layers)
             if not decode_only:  # the sampler's programs depend on the rows alone
                 self.sampler.warmup(logits)
         elapsed = time.perf_counter() - t0
         log.info("warm-up compiled %d step programs in %.1f s", len(programs), elapsed)
         return elapsed
+
+    def _padding_inputs(self, bucket: int, decode_only: bool) -> tuple:
+        """A step of padding only in `bucket` (it writes to the scratch page): what warm-up
+        runs, and lowering traces, to build each program."""
+        zeros = np.zeros(bucket, np.int32)
+        a = region_a(bucket, self.max_num_seqs, self.query_block)
+        no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
+        tables = np.zeros_like(self.block_tables)
+        meta = self._meta(zeros, zeros, zeros, tables, no_blocks, no_blocks, decode_only)
+        return zeros, meta, np.zeros(self._rows(bucket), np.int32)
+
+    def lower(self, lowering_platform: str) -> dict[str, jax.stages.Lowered]:
+        """Every program warm-up would compile, lowered for `lowering_platform` ("cuda",
+        "tpu", ...) and not compiled, by name (`runner/lowering.py` reads them)."""
+        out = {}
+        for bucket, decode_only in self.step_programs():
+            inputs = self._padding_inputs(bucket, decode_only)
+            kind = "decode-only" if decode_only else "any"
+            lowered = steps.lower(
+                self.params, self.cfg, self.cache, inputs, self.compile_unit, self._layer_kinds,
+                lowering_platform,
+            )  # fmt: skip
+            out |= {f"bucket {bucket} ({kind}) {name}": low for name, low in lowered.items()}
+            if not decode_only:
+                rows = self._rows(bucket)
+                lowered = self.sampler.lower(rows, self.cfg.vocab_size, lowering_platform)
+                out |= {f"rows {rows} {name}": low for name, low in lowered.items()}
+        return out
 
     def step_programs(self) -> list[tuple[int, bool]]:
         """(bucket, decode_only) of every model program a step may run: one per bucket, and a

@@ -73,3 +73,31 @@ def forward(
         x, ks[i], vs[i] = _layer_step(p, cfg, layer_kinds[i], layout, ibuf, fbuf, x, ks[i], vs[i])
     cache = KVCache(k=tuple(ks), v=tuple(vs), layout=cache.layout)
     return _head_step(edges, cfg, layout, ibuf, fbuf, x), cache
+
+
+def lower(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    inputs: tuple,  # as `forward` takes them
+    compile_unit: str,
+    layer_kinds: tuple[LayerKind, ...],
+    lowering_platform: str,  # "cpu", "cuda", "rocm" or "tpu"
+) -> dict[str, jax.stages.Lowered]:
+    """The programs `forward` runs for these inputs, lowered for `lowering_platform` and not
+    compiled (any machine can lower for any platform): the whole step, or the embedding, one
+    program per layer kind and the head."""
+    layout, ibuf, fbuf = packing.pack(inputs)
+    on = dict(lowering_platforms=(lowering_platform,))
+    if compile_unit == "step":
+        return {"step": _forward_step.trace(params, cfg, layout, ibuf, fbuf, cache).lower(**on)}
+    edges = dataclasses.replace(params, layers=())
+    x = jax.ShapeDtypeStruct((len(inputs[0]), cfg.hidden_size), params.embed.dtype)  # [T, D]
+    out = {"embed": _embed_step.trace(edges, cfg, layout, ibuf, fbuf).lower(**on)}
+    for i, kind in enumerate(layer_kinds):
+        name = f"layer (window {kind.window})"
+        if name not in out:
+            args = (params.layers[i], cfg, kind, layout, ibuf, fbuf, x, cache.k[i], cache.v[i])
+            out[name] = _layer_step.trace(*args).lower(**on)
+    out["head"] = _head_step.trace(edges, cfg, layout, ibuf, fbuf, x).lower(**on)
+    return out

@@ -16,6 +16,22 @@ import numpy as np
 from jinfer.scheduler.sequence import Sequence
 
 NEG_INF = -1e30  # a banned token's logit bias
+# Top-k and top-p read this many best tokens first (no full-vocabulary sort); a batch whose every
+# filter is a top-k within them never needs the exact search beyond (`SamplerVariant`).
+CANDIDATES = 128
+FILTERINGS = ("none", "top_k", "top_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerVariant:
+    """Which of the sampler's parts a batch's rows use, decided on the host when the step is
+    planned. On accelerators each variant is a program of its own (warm-up builds them all),
+    so the device never branches on a batch's settings; on CPU, where a conditional costs the
+    host nothing, one program decides on the device (`SamplingBatch.variant` is None)."""
+
+    penalties: bool  # some row has repetition, presence or frequency penalties
+    filtering: str  # "none"; "top_k": every filter a top-k within CANDIDATES; "top_p": others
+
 
 # Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
 # the model's EOS ids. One fixed width (unused entries are -1 and dropped) keeps the number of
@@ -42,11 +58,15 @@ class SamplingBatch:
     history_is_output: jax.Array  # [B, Lh] bool
     want_logprobs: jax.Array  # [] bool: any row asked for top-N logprobs
     use_penalties: jax.Array  # [] bool
+    variant: SamplerVariant | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], rows: int, history_len: int) -> SamplingBatch:
+    def from_sequences(
+        cls, seqs: list[Sequence], rows: int, history_len: int, decide_on_host: bool = False
+    ) -> SamplingBatch:
         """The sampling settings of `seqs` in `rows` padded rows (padding rows are greedy);
-        `history_len`: the penalty history's width (the engine's max_model_len)."""
+        `history_len`: the penalty history's width (the engine's max_model_len);
+        `decide_on_host`: settle the batch's `SamplerVariant` here (accelerators)."""
         f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
         temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
         rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
@@ -90,21 +110,44 @@ class SamplingBatch:
             history_is_output=is_output,
             want_logprobs=np.bool_(want_logprobs),
             use_penalties=np.bool_(use_penalties),
+            variant=_variant(seqs, use_penalties) if decide_on_host else None,
         )
 
     @classmethod
-    def warmup_variants(cls, rows: int, history_len: int) -> list[SamplingBatch]:
-        """One batch per shape the sampler's program takes: without and with the penalty
-        history (warm-up compiles both)."""
+    def warmup_variants(
+        cls, rows: int, history_len: int, decide_on_host: bool = False
+    ) -> list[SamplingBatch]:
+        """One batch per program the sampler may run for `rows`: without and with the penalty
+        history, and on the host's side every `SamplerVariant` (warm-up compiles them all)."""
         base = cls.from_sequences([], rows, history_len)
-        return [
-            dataclasses.replace(
-                base,
+        out = []
+        for length in (1, history_len):
+            history = dict(
                 history=np.full((rows, length), -1, np.int32),
                 history_is_output=np.zeros((rows, length), np.bool_),
             )
-            for length in (1, history_len)
-        ]
+            if not decide_on_host:
+                out.append(dataclasses.replace(base, **history))
+                continue
+            for filtering in FILTERINGS:
+                variant = SamplerVariant(penalties=length > 1, filtering=filtering)
+                out.append(dataclasses.replace(base, **history, variant=variant))
+        return out
+
+
+def _variant(seqs: list[Sequence], use_penalties: bool) -> SamplerVariant:
+    filters = [
+        s.params
+        for s in seqs
+        if s.params.temperature > 0 and (s.params.top_k or s.params.top_p < 1)
+    ]
+    if not filters:
+        filtering = "none"
+    elif all(p.top_p == 1.0 and p.top_k <= CANDIDATES for p in filters):
+        filtering = "top_k"
+    else:
+        filtering = "top_p"
+    return SamplerVariant(penalties=use_penalties, filtering=filtering)
 
 
 def _logit_bias(seq: Sequence) -> dict[int, float]:

@@ -1,9 +1,13 @@
-"""Batched sampling on device: one compiled function serves every mix of settings.
+"""Batched sampling on device: a fixed set of compiled programs serves every mix of settings.
 
 Rows are requests. The expensive optional parts (penalties, the random draw, the top-k/top-p
-threshold, top-N logprobs) sit behind `lax.cond`, so a batch that does not use them does not pay
-for them, and no setting ever triggers a new compile. Nothing sorts the vocabulary: top-k/top-p
-read the best CANDIDATES tokens and fall back to an exact bisection when the answer lies beyond.
+threshold, top-N logprobs) run only for batches that use them, and no setting ever triggers a new
+compile. Which parts a batch uses is decided on the host on accelerators (`SamplerVariant`: one
+program per variant, none of them branching on the batch, since a conditional there makes the
+device wait for the host), and on the device on CPU (one program, `lax.cond`s: they cost the
+host nothing). Nothing sorts the vocabulary: top-k/top-p read the best CANDIDATES tokens and
+fall back to an exact bisection when the answer lies beyond (a batch whose filters are all top-ks
+within the candidates never does; others decide that on the device, the one branch left).
 
 A sampled row draws one uniform number from the request's own seed folded with its output index
 (so a seeded request draws the same tokens whatever else shares the batch) and inverts the
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.runner import packing
-from jinfer.sample.metadata import SamplingBatch
+from jinfer.sample.metadata import CANDIDATES, SamplingBatch
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.sequence import Sequence
 
@@ -51,7 +55,6 @@ def _apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (counts > 0)
 
 
-CANDIDATES = 128  # top-k/top-p look at this many best tokens first (no full-vocabulary sort)
 BLOCK = 256  # inverse-CDF sampling: the vocabulary in blocks of this many tokens
 BISECT_STEPS = 32
 
@@ -104,7 +107,10 @@ def _top_k_top_p_threshold(
         pth_x = _bisect(lo, hi, lambda t: mass(t) >= s.top_p[:, None] * z)
         return jnp.where(k_inside, kth, kth_x), jnp.where(p_inside, pth, pth_x)
 
-    kth, pth = jax.lax.cond(jnp.all(k_inside & p_inside), lambda _: (kth, pth), exact, None)
+    # A "top_k" batch (every filter a top-k within the candidates) never needs the search.
+    inside = True if s.variant is not None and s.variant.filtering == "top_k" else None
+    all_inside = jnp.all(k_inside & p_inside)
+    kth, pth = _branch(inside, all_inside, lambda _: (kth, pth), exact, None)
     return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
 
 
@@ -141,7 +147,9 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
     scaled = x / temp
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # [B, V], max 1
     needs_threshold = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
-    threshold = jax.lax.cond(
+    filtering = None if s.variant is None else s.variant.filtering != "none"
+    threshold = _branch(
+        filtering,
         needs_threshold,
         _top_k_top_p_threshold,
         lambda y, *_: jnp.full((y.shape[0], 1), -jnp.inf, y.dtype),
@@ -166,24 +174,46 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
 
 
+def _branch(decided: bool | None, pred: jax.Array, true_fn, false_fn, *operands):
+    """`true_fn(*operands)` or `false_fn(*operands)`: as the host `decided` (accelerators: one
+    program per variant, no conditional in it), or, where it did not (None: CPU, where the
+    conditional costs the host nothing and skips the work), as the device finds `pred`."""
+    if decided is None:
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return (true_fn if decided else false_fn)(*operands)
+
+
 @jax.jit
 def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
-    """logits [B, V] float32 -> one token per row, with logprobs."""
+    """logits [B, V] float32 -> one token per row, with logprobs.
+
+    With a host-decided `s.variant`, the parts a greedy row ignores (the draw, the top-N
+    logprobs) run for every batch, branch-free: on an accelerator they cost less than a
+    conditional's round trip to the host."""
     b, v = logits.shape
-    x = jax.lax.cond(s.use_penalties, _apply_penalties, lambda x, _: x, logits, s)
+    on_host = s.variant is not None
+    penalties = s.variant.penalties if on_host else None
+    x = _branch(penalties, s.use_penalties, _apply_penalties, lambda x, _: x, logits, s)
     rows = jnp.arange(b)[:, None]
     bias_ids = jnp.where(s.bias_ids >= 0, s.bias_ids, v)
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
 
     greedy = argmax(x)
-    sampled = jax.lax.cond(
-        jnp.any(s.temperature > 0), _sample_rows, lambda x, s, g: g, x, s, greedy
+    sampled = _branch(
+        True if on_host else None,
+        jnp.any(s.temperature > 0),
+        _sample_rows,
+        lambda x, s, g: g,
+        x,
+        s,
+        greedy,
     )
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
 
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, 1]
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse[:, 0]
-    top_vals, top_ids = jax.lax.cond(
+    top_vals, top_ids = _branch(
+        True if on_host else None,
         s.want_logprobs,
         lambda lg: tuple(jax.lax.top_k(lg, MAX_LOGPROBS)),
         lambda lg: (
@@ -243,19 +273,39 @@ class PendingSamples:
 class Sampler:
     """Samples one token for each of a step's sequences from its logits row, on the device."""
 
-    def __init__(self, history_len: int) -> None:
+    def __init__(self, history_len: int, decide_on_host: bool = False) -> None:
         self.history_len = history_len  # the penalty history's width (max_model_len)
+        # Pick each batch's program on the host (accelerators: `SamplerVariant`), or let one
+        # program branch on the device (CPU).
+        self.decide_on_host = decide_on_host
 
     def sample(self, logits: jax.Array, seqs: list[Sequence]) -> PendingSamples:
         """Dispatches sampling for `seqs` (rows 0..len(seqs)-1 of `logits` [rows, V])."""
-        batch = SamplingBatch.from_sequences(seqs, logits.shape[0], self.history_len)
+        batch = SamplingBatch.from_sequences(
+            seqs, logits.shape[0], self.history_len, self.decide_on_host
+        )
         out = self._run(logits, batch)
         return PendingSamples(out, len(seqs), bool(batch.want_logprobs))
 
     def warmup(self, logits: jax.Array) -> None:
         """Compiles the sampler's programs for logits of this shape [rows, V]."""
-        for batch in SamplingBatch.warmup_variants(logits.shape[0], self.history_len):
+        rows = logits.shape[0]
+        for batch in SamplingBatch.warmup_variants(rows, self.history_len, self.decide_on_host):
             jax.block_until_ready(self._run(logits, batch))
+
+    def lower(self, rows: int, vocab: int, lowering_platform: str) -> dict[str, jax.stages.Lowered]:
+        """The sampler's programs for [rows, vocab] logits, lowered for `lowering_platform`."""
+        logits = jax.ShapeDtypeStruct((rows, vocab), jnp.float32)
+        out = {}
+        for batch in SamplingBatch.warmup_variants(rows, self.history_len, self.decide_on_host):
+            layout, ibuf, fbuf = packing.pack(batch)
+            v = batch.variant
+            name = f"sampler (history {batch.history.shape[1]}" + (
+                f", {v.filtering})" if v is not None else ")"
+            )
+            on = dict(lowering_platforms=(lowering_platform,))
+            out[name] = _sample_step.trace(logits, layout, ibuf, fbuf).lower(**on)
+        return out
 
     @staticmethod
     def _run(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
