@@ -39,10 +39,11 @@ class EchoRunner:
     def warmup(self) -> float:
         return 0.0
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def dispatch(self, plan: StepPlan, prev: Any = None) -> EchoStep:
+        """The tokens follow from what the host knows at dispatch: the count of outputs,
+        placeholders of a step in flight included (the runner's `dispatch` protocol)."""
         if self.fail:
             raise RuntimeError("injected engine failure")
-        time.sleep(self.step_delay)
         seqs = [s for s, n in plan.scheduled if s.num_computed_tokens + n == s.num_tokens]
         tokens = np.array(
             [s.prompt_token_ids[s.num_output_tokens % s.num_prompt_tokens] for s in seqs], np.int32
@@ -51,7 +52,20 @@ class EchoRunner:
         top_ids = (tokens[:, None] + ranks[None, :]) % self.vocab_size
         top_lps = np.broadcast_to(-0.5 - ranks, top_ids.shape).astype(np.float32)
         logprobs = np.full(len(seqs), -0.5, np.float32)
-        return StepResult(seqs, tokens, logprobs, top_ids, top_lps, 0.0, self.step_delay)
+        result = StepResult(seqs, tokens, logprobs, top_ids, top_lps, 0.0, self.step_delay)
+        return EchoStep(seqs, result, self.step_delay)
+
+
+class EchoStep:
+    """A dispatched echo step: its results are ready `delay` seconds after it was dispatched."""
+
+    def __init__(self, seqs: list, result: StepResult, delay: float) -> None:
+        self.seqs, self._result = seqs, result
+        self._ready = time.monotonic() + delay
+
+    def result(self) -> StepResult:
+        time.sleep(max(0.0, self._ready - time.monotonic()))
+        return self._result
 
 
 def echo_tokens(prompt_ids: list[int], n: int) -> list[int]:

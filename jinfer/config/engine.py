@@ -185,6 +185,11 @@ class EngineConfig:
     enable_prefix_caching: bool = option(
         True, "reuse the KV of earlier requests' full pages (default on)"
     )
+    async_scheduling: bool = option(
+        True,
+        "plan and dispatch each step before the previous one's tokens reach the host, so the "
+        "device never waits for the host's bookkeeping (outputs are the same either way)",
+    )
     seed: int = option(0, "the engine's seed: it draws the seeds of requests that bring none")
     warmup: bool = option(
         True, "compile every batch shape up front (off: each compiles on first use)"

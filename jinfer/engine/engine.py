@@ -22,9 +22,10 @@ from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.runner import buckets
 from jinfer.runner.compilation import num_compiles
-from jinfer.runner.model_runner import ModelRunner
+from jinfer.runner.model_runner import DispatchedStep, ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
+from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
 from jinfer.tokenizer.tokenizer import Tokenizer
@@ -68,12 +69,18 @@ class Engine:
             config.max_num_batched_tokens, config.max_num_seqs, self.runner.query_block
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, granularity),
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                config.max_model_len,
+                granularity,
+            ),
             self.blocks,
         )
         self.stats = EngineStats()
         self.output = OutputProcessor(tokenizer, config.max_model_len, self.stats)
         self.warmup_time = 0.0
+        self._in_flight: tuple[StepPlan, DispatchedStep] | None = None  # dispatched, not landed
         self._rng = np.random.default_rng(config.seed)
         self._arrivals = 0
         self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
@@ -147,7 +154,7 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -------------------------------------------------------------------- step
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -159,15 +166,47 @@ class Engine:
         return outputs
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
+        # Async scheduling: plan and dispatch this step while the previous one runs, then read
+        # the previous one's tokens (the device computes on meanwhile) and check its stops.
+        # Each sampled token is a placeholder until it lands (sequence.py); a request that
+        # stops meanwhile computed one token too many, which nobody sees. Penalties read every
+        # output token on the host: a step with them waits for the one before it.
+        outputs = []
+        if self._in_flight is not None and self._needs_tokens_on_host():
+            outputs += self._land(finished_only)
         plan = self.scheduler.schedule()
         self.stats.record_plan(plan, self.config.enable_prefix_caching)
-        if plan.is_empty:
-            return []
-        self.output.mark_scheduled(plan)
-        result = self.runner.execute(plan)
-        self.scheduler.on_step_done(plan)
+        previous, self._in_flight = self._in_flight, None
+        if not plan.is_empty:
+            self.output.mark_scheduled(plan)
+            prev_step = None if previous is None else previous[1]
+            dispatched = self.runner.dispatch(plan, prev_step)
+            self.scheduler.on_dispatched(plan)
+            for seq in dispatched.seqs:
+                seq.add_placeholder()
+            self._in_flight = (plan, dispatched)
+        if previous is not None:
+            outputs += self._land(finished_only, previous)
+        if not self.config.async_scheduling and self._in_flight is not None:
+            outputs += self._land(finished_only)
+        return outputs
+
+    def _needs_tokens_on_host(self) -> bool:
+        return any(s.params.uses_penalties for s in self.scheduler.running)
+
+    def _land(
+        self, finished_only: bool, step: tuple[StepPlan, DispatchedStep] | None = None
+    ) -> list[RequestOutput]:
+        """Reads a dispatched step's tokens (by default the one in flight), fills their
+        placeholders and checks stops; the outputs of the requests it touched."""
+        if step is None:
+            step, self._in_flight = self._in_flight, None
+        plan, dispatched = step
+        result = dispatched.result()
         self.stats.record_step(plan, result)
         touched, done = self.output.process(result)
+        for seq in result.seqs:
+            self.scheduler.on_token_known(seq)
         for seq, reason in done:
             self.scheduler.finish(seq, reason)
         return [self.output.output(req) for req in touched if req.finished or not finished_only]

@@ -48,7 +48,7 @@ class SeqState:
         return CompletionOutput(
             index=self.index,
             text=self.text,
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.known_output_token_ids(),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=logprobs,
@@ -119,7 +119,7 @@ class OutputProcessor:
             req = self.requests[seq.parent_id]
             state = next(s for s in req.states if s.seq is seq)
             token = int(result.tokens[row])
-            seq.output_token_ids.append(token)
+            seq.fill_placeholder(token)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             self.stats.num_generated_tokens += 1
@@ -141,7 +141,9 @@ class OutputProcessor:
     def _check_stop(self, state: SeqState, token: int) -> str | None:
         """Appends the token's text and returns a finish reason, or None to go on."""
         seq, p = state.seq, state.seq.params
-        past_min = seq.num_output_tokens >= p.min_tokens
+        # Counts of the tokens known so far: a later one may already be in flight.
+        num_output, num_tokens = seq.num_known_output_tokens, seq.num_known_tokens
+        past_min = num_output >= p.min_tokens
         if past_min and token in seq.eos_token_ids:
             return "stop"  # EOS text is never part of the output
         if past_min and token in p.stop_token_ids:
@@ -150,8 +152,8 @@ class OutputProcessor:
         state.text += state.detok.add(token)
         if past_min and p.stop and self._find_stop(state) is not None:
             return "stop"
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-            seq.num_tokens >= self.max_model_len
+        if (p.max_tokens is not None and num_output >= p.max_tokens) or (
+            num_tokens >= self.max_model_len
         ):
             state.text += state.detok.flush()
             return "length"

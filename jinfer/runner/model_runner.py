@@ -18,6 +18,7 @@ import logging
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jinfer.attention.kv_cache import KVCache
@@ -28,7 +29,7 @@ from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models.params import Params
 from jinfer.runner import steps
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
-from jinfer.sample.sampler import Sampler
+from jinfer.sample.sampler import PendingSamples, Sampler
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence
 
@@ -47,6 +48,27 @@ class StepResult:
     host_time: float  # seconds building inputs and dispatching the step (the device idles)
     device_time: float  # seconds then blocked until the results reached the host
     bucket: int = 0  # tokens the step's program ran, padding included
+
+
+@dataclasses.dataclass
+class DispatchedStep:
+    """A step the device is running: the sequences it samples for, in row order, and their
+    tokens, still on the device until `result()` reads them."""
+
+    seqs: list[Sequence]
+    samples: PendingSamples
+    bucket: int  # tokens the step's program runs, padding included
+    host_time: float  # seconds the host took to build and dispatch it
+
+    def result(self) -> StepResult:
+        """Waits for the step to finish; what it sampled, on the host."""
+        t0 = time.perf_counter()
+        s = self.samples.fetch()
+        waited = time.perf_counter() - t0
+        return StepResult(
+            self.seqs, s.tokens, s.logprobs, s.top_ids, s.top_logprobs, self.host_time, waited,
+            self.bucket,
+        )  # fmt: skip
 
 
 class ModelRunner:
@@ -80,7 +102,8 @@ class ModelRunner:
         self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         self.block_tables = np.zeros((self.max_num_seqs, self.max_pages_per_seq), np.int32)
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
-        self.sampler = Sampler(self.max_model_len, decide_on_host=platform != "cpu")
+        self.sampler = Sampler(self.max_model_len, self.max_num_seqs, platform != "cpu")
+        self._idle_tokens: jax.Array | None = None  # [R] from the sampler (set by warm-up)
         self.compile_unit = config.compile_unit  # "step" or "layer"
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
 
@@ -139,13 +162,18 @@ class ModelRunner:
     def _rows(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
 
-    def prepare(self, plan: StepPlan) -> tuple[tuple, list[Sequence]]:
-        """The step's padded inputs (tokens, metadata, logits rows) and the sequences that
-        sample a token, in logits-row order."""
+    def prepare(
+        self, plan: StepPlan, prev: DispatchedStep | None = None
+    ) -> tuple[tuple, list[Sequence]]:
+        """The step's padded inputs (tokens, prev_idx, metadata, logits rows: `steps.forward`)
+        and the sequences that sample a token, in logits-row order. A placeholder token (still
+        on the device) comes from `prev`, the step that sampled it."""
         placement = self._place(plan)
         bucket = placement.bucket
         rows = self._rows(bucket)
         tokens = np.zeros(bucket, np.int32)
+        prev_idx = np.full(bucket, -1, np.int32)
+        prev_rows = {} if prev is None else {id(s): i for i, s in enumerate(prev.seqs)}
         positions = np.zeros(bucket, np.int32)
         seq_ids = np.zeros(bucket, np.int32)
         slot_mapping = np.full(bucket, SCRATCH_PAGE * self.page_size, np.int32)
@@ -157,6 +185,10 @@ class ModelRunner:
             table = seq.block_table
             self._write_table(seq.slot, table)
             tokens[t : t + num_new] = seq.token_slice(start, end)
+            if seq.num_placeholders:  # its newest token is in flight: `prev` sampled it
+                known = seq.num_known_tokens
+                assert seq.num_placeholders == 1 and known >= start, "one step in flight"
+                prev_idx[t + known - start : t + num_new] = prev_rows[id(seq)]
             positions[t : t + num_new] = np.arange(start, end, dtype=np.int32)
             seq_ids[t : t + num_new] = seq.slot
             if num_new == 1:  # a decode: no arrays to build
@@ -181,37 +213,39 @@ class ModelRunner:
             placement.block_lens,
             decode_only=self.decode_kernel and all(n == 1 for _, n in plan.scheduled),
         )
-        return (tokens, meta, logits_idx), sampled
+        return (tokens, prev_idx, meta, logits_idx), sampled
 
     # --------------------------------------------------------------------- run
-    def execute(self, plan: StepPlan) -> StepResult:
+    def dispatch(self, plan: StepPlan, prev: DispatchedStep | None = None) -> DispatchedStep:
+        """Builds `plan`'s inputs and sets the device running it; returns at once. `prev`: the
+        step still in flight, whose sampled tokens this one may compute (async scheduling)."""
         t0 = time.perf_counter()
-        inputs, sampled = self.prepare(plan)
-        pending = self.sampler.sample(self._forward(*inputs), sampled)  # dispatched, not done
-        t1 = time.perf_counter()
-        samples = pending.fetch()
-        t2 = time.perf_counter()
-        bucket = len(inputs[0])
-        return StepResult(
-            sampled,
-            samples.tokens,
-            samples.logprobs,
-            samples.top_ids,
-            samples.top_logprobs,
-            t1 - t0,
-            t2 - t1,
-            bucket,
-        )
+        inputs, sampled = self.prepare(plan, prev)
+        samples = self.sampler.sample(self._forward(inputs, self._prev_tokens(prev)), sampled)
+        return DispatchedStep(sampled, samples, len(inputs[0]), time.perf_counter() - t0)
+
+    def _prev_tokens(self, prev: DispatchedStep | None) -> jax.Array:  # [R] int32
+        """The tokens a step may read from the step before it: that step's, or, for a step
+        that reads none, the sampler's array from warm-up (the same kind of input as later
+        steps get, so no program is built twice)."""
+        if prev is not None:
+            return prev.samples.next_tokens
+        if self._idle_tokens is None:  # before warm-up's first sampler program
+            return jnp.zeros(self.max_num_seqs, jnp.int32)
+        return self._idle_tokens
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """One step, start to finish (nothing else in flight)."""
+        return self.dispatch(plan).result()
 
     def _forward(
         self,
-        tokens: np.ndarray,
-        meta: AttentionMetadata,
-        logits_idx: np.ndarray,
+        inputs: tuple,  # see `prepare`
+        prev_tokens: jax.Array,  # [R] int32
         num_layers: int | None = None,  # layer programs: run only the first n layers (warm-up)
     ) -> jax.Array:  # [rows, V] float32
         logits, self.cache = steps.forward(
-            self.params, self.cfg, self.cache, (tokens, meta, logits_idx), self.compile_unit,
+            self.params, self.cfg, self.cache, inputs, prev_tokens, self.compile_unit,
             self._layer_kinds, num_layers,
         )  # fmt: skip
         return logits
@@ -233,9 +267,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         num_layers = self._warmup_layers()
         programs = self.step_programs()
+        if self._idle_tokens is None:
+            # The tokens a step reads from the step before it are always a sampler's output,
+            # placed as the sampler places it: make one first, so that every program below is
+            # built for that input (the first bucket's, built for a stand-in, is built again).
+            first = self._padding_inputs(programs[0][0], False)
+            self._idle_tokens = self.sampler.warmup(self._forward(first, self._prev_tokens(None)))
         for bucket, decode_only in programs:
             inputs = self._padding_inputs(bucket, decode_only)
-            logits = self._forward(*inputs, num_layers=num_layers)
+            logits = self._forward(inputs, self._idle_tokens, num_layers=num_layers)
             if not decode_only:  # the sampler's programs depend on the rows alone
                 self.sampler.warmup(logits)
         elapsed = time.perf_counter() - t0
@@ -250,7 +290,7 @@ class ModelRunner:
         no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
         tables = np.zeros_like(self.block_tables)
         meta = self._meta(zeros, zeros, zeros, tables, no_blocks, no_blocks, decode_only)
-        return zeros, meta, np.zeros(self._rows(bucket), np.int32)
+        return zeros, np.full(bucket, -1, np.int32), meta, np.zeros(self._rows(bucket), np.int32)
 
     def lower(self, lowering_platform: str) -> dict[str, jax.stages.Lowered]:
         """Every program warm-up would compile, lowered for `lowering_platform` ("cuda",
@@ -259,9 +299,10 @@ class ModelRunner:
         for bucket, decode_only in self.step_programs():
             inputs = self._padding_inputs(bucket, decode_only)
             kind = "decode-only" if decode_only else "any"
+            prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32)
             lowered = steps.lower(
-                self.params, self.cfg, self.cache, inputs, self.compile_unit, self._layer_kinds,
-                lowering_platform,
+                self.params, self.cfg, self.cache, inputs, prev_tokens, self.compile_unit,
+                self._layer_kinds, lowering_platform,
             )  # fmt: skip
             out |= {f"bucket {bucket} ({kind}) {name}": low for name, low in lowered.items()}
             if not decode_only:

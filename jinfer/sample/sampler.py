@@ -230,14 +230,17 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
 # [rows, 2 + 2 * MAX_LOGPROBS] float32 array, int columns bit-cast (one device-to-host copy):
 #
 #     column 0: token (int32 bits)   1: its logprob   2..: top ids (int32 bits)   then top logprobs
-def _sample_packed(logits, layout, ibuf, fbuf):
+#
+# and the tokens again, padded to [max_rows] int32, for the next step to read on the device.
+def _sample_packed(logits, layout, ibuf, fbuf, max_rows):
     out = sample(logits, packing.unpack(layout, ibuf, fbuf))
     as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)  # noqa: E731
     columns = [as_f32(out.tokens)[:, None], out.logprobs[:, None]]
-    return jnp.concatenate(columns + [as_f32(out.top_ids), out.top_logprobs], axis=1)
+    packed = jnp.concatenate(columns + [as_f32(out.top_ids), out.top_logprobs], axis=1)
+    return packed, jnp.pad(out.tokens, (0, max_rows - out.tokens.shape[0]))
 
 
-_sample_step = jax.jit(_sample_packed, static_argnums=(1,))
+_sample_step = jax.jit(_sample_packed, static_argnums=(1, 4))
 
 
 @dataclasses.dataclass
@@ -255,6 +258,7 @@ class PendingSamples:
     """Samples still on the device (the step is dispatched, perhaps still running)."""
 
     out: jax.Array  # [rows, 2 + 2 * MAX_LOGPROBS], see _sample_packed
+    next_tokens: jax.Array  # [max_rows] int32: the sampled tokens, for the next step's inputs
     num_seqs: int
     want_logprobs: bool
 
@@ -273,8 +277,9 @@ class PendingSamples:
 class Sampler:
     """Samples one token for each of a step's sequences from its logits row, on the device."""
 
-    def __init__(self, history_len: int, decide_on_host: bool = False) -> None:
+    def __init__(self, history_len: int, max_rows: int, decide_on_host: bool = False) -> None:
         self.history_len = history_len  # the penalty history's width (max_model_len)
+        self.max_rows = max_rows  # R: `next_tokens` has a row per request slot
         # Pick each batch's program on the host (accelerators: `SamplerVariant`), or let one
         # program branch on the device (CPU).
         self.decide_on_host = decide_on_host
@@ -284,14 +289,16 @@ class Sampler:
         batch = SamplingBatch.from_sequences(
             seqs, logits.shape[0], self.history_len, self.decide_on_host
         )
-        out = self._run(logits, batch)
-        return PendingSamples(out, len(seqs), bool(batch.want_logprobs))
+        out, next_tokens = self._run(logits, batch)
+        return PendingSamples(out, next_tokens, len(seqs), bool(batch.want_logprobs))
 
-    def warmup(self, logits: jax.Array) -> None:
-        """Compiles the sampler's programs for logits of this shape [rows, V]."""
+    def warmup(self, logits: jax.Array) -> jax.Array:
+        """Compiles the sampler's programs for logits of this shape [rows, V]; returns a
+        `next_tokens` array like every later step's (for a step that reads none)."""
         rows = logits.shape[0]
         for batch in SamplingBatch.warmup_variants(rows, self.history_len, self.decide_on_host):
-            jax.block_until_ready(self._run(logits, batch))
+            _, next_tokens = jax.block_until_ready(self._run(logits, batch))
+        return next_tokens
 
     def lower(self, rows: int, vocab: int, lowering_platform: str) -> dict[str, jax.stages.Lowered]:
         """The sampler's programs for [rows, vocab] logits, lowered for `lowering_platform`."""
@@ -304,10 +311,10 @@ class Sampler:
                 f", {v.filtering})" if v is not None else ")"
             )
             on = dict(lowering_platforms=(lowering_platform,))
-            out[name] = _sample_step.trace(logits, layout, ibuf, fbuf).lower(**on)
+            args = (logits, layout, ibuf, fbuf, self.max_rows)
+            out[name] = _sample_step.trace(*args).lower(**on)
         return out
 
-    @staticmethod
-    def _run(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    def _run(self, logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
         layout, ibuf, fbuf = packing.pack(batch)
-        return _sample_step(logits, layout, ibuf, fbuf)
+        return _sample_step(logits, layout, ibuf, fbuf, self.max_rows)

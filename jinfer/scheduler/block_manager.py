@@ -86,6 +86,7 @@ class BlockManager:
         """
         if self.cache is None:
             return []
+        assert not seq.num_placeholders, "a sequence is admitted once its tokens are known"
         max_pages = (seq.num_tokens - 1) // self.page_size
         keys = extend_page_keys(
             seq.page_keys, seq.all_token_ids(), self.page_size, seq.params.cache_salt, max_pages
@@ -96,7 +97,8 @@ class BlockManager:
         """Indexes `seq`'s pages that are full and computed, generated tokens included."""
         if self.cache is None:
             return
-        num_full = min(seq.num_computed_tokens // self.page_size, len(seq.block_table))
+        known = min(seq.num_computed_tokens, seq.num_known_tokens)  # placeholders: not yet
+        num_full = min(known // self.page_size, len(seq.block_table))
         if num_full <= seq.num_indexed_pages:
             return
         keys = extend_page_keys(

@@ -24,6 +24,7 @@ class SchedulerConfig:
 
     max_num_seqs: int  # R: requests running at once (rows of the block table)
     max_num_batched_tokens: int  # token budget of one step
+    max_model_len: int  # prompt + output tokens of one request
     # A prefill run of n > 1 tokens costs align(n, this) of the budget: the runner lays prefill
     # out in query blocks of this many tokens (`runner/buckets.py: prefill_granularity`; 1: none).
     prefill_granularity: int = 1
@@ -52,6 +53,7 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
             self.blocks.free(seq)
+        seq.drop_placeholders()  # tokens still in flight for it are dropped when they land
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -63,10 +65,13 @@ class Scheduler:
         # request cannot get a page, the latest-arrived running request is preempted (its pages
         # freed; it recomputes later from the front of the queue). An admitted request starts
         # from the longest prefix of full pages the prefix cache holds; only the rest costs budget.
+        # A request whose token in flight (a placeholder) is its last by length waits for it.
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         admitted: list[tuple[Sequence, int]] = []
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        decodes = [
+            s for s in self.running if s.num_uncomputed_tokens == 1 and not self._ends_in_flight(s)
+        ]
         # Longest context first: the per-token attention groups its key loops by position in
         # the batch (attention.xla.TOKENS_PER_GROUP), so similar lengths share a loop bound.
         decodes.sort(key=lambda s: -s.num_tokens)
@@ -92,6 +97,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and self.free_slots and not preempted:
             seq = self.waiting[0]
+            if seq.num_placeholders:  # preempted with a token in flight: next step
+                break
             if seq.num_computed_tokens or seq.block_table:
                 raise RuntimeError(f"waiting request {seq.request_id} still holds KV state")
             cached = self.blocks.lookup(seq)  # leaves at least the last token to compute
@@ -111,6 +118,15 @@ class Scheduler:
             admitted.append((seq, num_cached))
             budget -= self._cost(num_new)
         return StepPlan(scheduled, preempted, admitted)
+
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Whether the token in flight for `seq` is its last by length (max_tokens or
+        max_model_len): computing its KV would be wasted, and past max_model_len impossible."""
+        if not seq.num_placeholders:
+            return False
+        max_tokens = seq.params.max_tokens
+        full = max_tokens is not None and seq.num_output_tokens >= max_tokens
+        return full or seq.num_tokens >= self.config.max_model_len
 
     def _cost(self, num_new: int) -> int:
         """What a run of `num_new` tokens takes of the budget: a prefill run (more than one
@@ -165,8 +181,15 @@ class Scheduler:
             seq.slot = -1
 
     # ------------------------------------------------------------ bookkeeping
-    def on_step_done(self, plan: StepPlan) -> None:
-        """Advances each scheduled request; pages its tokens now fill become cacheable."""
+    def on_dispatched(self, plan: StepPlan) -> None:
+        """Advances each scheduled request (its tokens are being computed: the device runs
+        steps in order, so the next step may read them); full pages of known tokens become
+        cacheable."""
         for seq, num_new in plan.scheduled:
             seq.num_computed_tokens += num_new
+            self.blocks.cache_full_pages(seq)
+
+    def on_token_known(self, seq: Sequence) -> None:
+        """A placeholder of `seq` was filled: a page it completes may now be cached."""
+        if seq.status is Status.RUNNING:
             self.blocks.cache_full_pages(seq)

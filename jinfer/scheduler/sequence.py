@@ -3,6 +3,13 @@
 The scheduler's whole view of progress is one number per request: `num_computed_tokens`, which
 catches up with `num_tokens` (prompt + generated). Prefill, chunked prefill, decode and recompute
 after preemption are all the same motion.
+
+A step that samples a token for a sequence appends a placeholder for it when it is dispatched;
+the token's value fills it when the step's results reach the host. With async scheduling the
+next step is planned and dispatched in between: it computes the placeholder's token from the
+device's copy (`runner/model_runner.py`), so host bookkeeping never waits for the device.
+
+    output_token_ids  [5, 9, 14, PLACEHOLDER]   num_placeholders 1: one value still on the device
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import enum
 from dataclasses import dataclass, field
 
 from jinfer.sampling_params import SamplingParams
+
+PLACEHOLDER = -1  # an output token sampled on the device whose value the host has not yet read
 
 
 class Status(enum.Enum):
@@ -44,6 +53,7 @@ class Sequence:
     page_keys: list[bytes] = field(default_factory=list)
     num_indexed_pages: int = 0
     num_cached_tokens: int | None = None
+    num_placeholders: int = 0  # trailing output tokens still on the device (PLACEHOLDER)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -64,6 +74,34 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host has: all but the trailing placeholders."""
+        return self.num_tokens - self.num_placeholders
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        return len(self.output_token_ids) - self.num_placeholders
+
+    def known_output_token_ids(self) -> list[int]:
+        return self.output_token_ids[: len(self.output_token_ids) - self.num_placeholders]
+
+    def add_placeholder(self) -> None:
+        """A dispatched step samples this sequence's next token."""
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+
+    def fill_placeholder(self, token: int) -> None:
+        """The oldest placeholder's value has reached the host."""
+        self.output_token_ids[len(self.output_token_ids) - self.num_placeholders] = token
+        self.num_placeholders -= 1
+
+    def drop_placeholders(self) -> None:
+        """Forgets tokens still in flight (the sequence finished before they arrived)."""
+        if self.num_placeholders:
+            del self.output_token_ids[-self.num_placeholders :]
+            self.num_placeholders = 0
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
