@@ -34,8 +34,8 @@ class LLM:
     `LLM(model, **options)`: `model` is a named model, a .gguf file, an HF directory or an orbax
     checkpoint; the options are `EngineConfig`'s (config/engine.py: dtype, max_model_len,
     tensor_parallel_size, max_num_seqs, max_num_batched_tokens, page_size, num_pages,
-    kv_cache_memory_gb, kv_cache_dtype, attention_backend, compile_unit, seed,
-    enable_prefix_caching, warmup), declared there once with their defaults. An unknown one is
+    kv_cache_memory_gb, kv_cache_dtype, attention_backend, compile_unit, enable_prefix_caching,
+    async_scheduling, seed, warmup), declared there once with their defaults. An unknown one is
     a TypeError, a value an option does not take a ValueError that names it.
     """
 

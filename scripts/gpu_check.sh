@@ -3,13 +3,15 @@
 # with compiled (not interpreted) kernels plus a tiny engine end to end, the decode-attention
 # microbenchmark (GB/s vs a measured copy), the decode step of a random-weight Llama-3-8B-shaped
 # model (XLA vs Pallas attention, ms per step vs the weight-read floor), and the offline
-# benchmark (jinfer vs transformers, random Llama-3.2-1B shape); ends with one table.
+# benchmark (jinfer vs transformers, random Llama-3.2-1B shape), the control flow left in the
+# GPU step programs, and async scheduling against the synchronous loop; ends with one table.
 #
 # Usage (repo root):  bash scripts/gpu_check.sh [OUT_DIR]     # on the GPU machine
 #                     bash scripts/gpu_check.sh --dry-run      # on CPU: every stage, tiny sizes
 # The engine tests need SmolLM2's tokenizer, which travels as .gpu/smollm2-tokenizer (an HF dir;
-# `make gpu-kit` writes it). Each stage has its own timeout (120 + 130 + 30 + 140 + 150 s) and
-# every benchmark appends its rows as it goes, so a stage cut short keeps what it measured.
+# `make gpu-kit` writes it). Each stage has its own timeout (180 + 130 + 30 + 140 + 170 + 60 +
+# 150 s) and every benchmark appends its rows as it goes, so a stage cut short keeps what it
+# measured.
 # Keep the log: copy OUT_DIR/gpu_check.log to docs/gpu_runs/DATE-CARD.log and the table into
 # docs/benchmarks.md.
 set -uo pipefail
@@ -50,6 +52,11 @@ PYEOF
     stage "offline: jinfer vs transformers (dry run)"
     timeout 300 $PY scripts/bench_offline.py --random-shape tiny --small \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
+    stage "control flow left in the GPU step programs (dry run)"
+    timeout 120 $PY scripts/lowered_ops.py --shape tiny --platform gpu --max-num-seqs 8 | tail -1
+    stage "async scheduling vs the synchronous loop (dry run)"
+    timeout 300 $PY scripts/bench_async.py --shape tiny --tokenizer "$JINFER_SMOLLM2_TOKENIZER" \
+      --output-len 16 --rounds 2 --json "$OUT/async.json"
   else
     stage "kernel tests, compiled on the GPU (+ XLA attention, sampler, tiny engine e2e)"
     timeout 180 $PY -m pytest -q -p no:cacheprovider -m "not slow" -rfE tests/test_ragged_gpu.py \
@@ -66,6 +73,13 @@ PYEOF
     stage "offline: jinfer vs transformers, Llama-3.2-1B shape, random weights, bf16"
     timeout 170 $PY scripts/bench_offline.py --random-shape llama3-1b --profile-host 25 \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
+    stage "control flow left in the GPU step programs, Llama-3.2-1B shape (lowered, not run)"
+    timeout 60 $PY scripts/lowered_ops.py --shape llama3-1b --platform gpu --max-num-seqs 64 \
+      | tail -1
+    stage "async scheduling vs the synchronous loop, Llama-3.2-1B shape, batch 64"
+    timeout 150 $PY scripts/bench_async.py --shape llama3-1b \
+      --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --batch 64 --output-len 128 --rounds 3 \
+      --json "$OUT/async.json"
   fi
   stage "results"
   $PY scripts/gpu_table.py "$OUT/attention.jsonl" "$OUT/step.jsonl"
