@@ -168,11 +168,12 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
         th = _top_k_top_p_threshold(scaled, weights, batch, candidates=c)
         kept[c] = np.asarray(scaled >= th)
     np.testing.assert_array_equal(kept[2], kept[1000])
-    order = np.sort(np.asarray(scaled), axis=-1)[:, ::-1]
+    # The reference, as vLLM and transformers filter: sort, keep the top k, renormalize, keep the
+    # smallest prefix of them reaching top_p.
+    order = np.sort(np.asarray(scaled), axis=-1)[:, ::-1][:, : top_k or 1000]
     p = np.exp(order - order[:, :1])
     p /= p.sum(-1, keepdims=True)
-    n_p = (np.cumsum(p, -1) - p < top_p).sum(-1)  # smallest prefix reaching top_p
-    want = np.minimum(n_p, top_k or 1000)
+    want = (np.cumsum(p, -1) - p < top_p).sum(-1)
     np.testing.assert_array_equal(kept[1000].sum(-1), want)
 
 
@@ -218,5 +219,40 @@ def test_the_host_picks_the_variant_a_batch_needs():
     assert variant(greedy, hot) == (False, "none")
     assert variant(hot, SamplingParams(temperature=1, top_k=128)) == (False, "top_k")
     assert variant(SamplingParams(temperature=1, top_k=129)) == (False, "top_p")  # beyond
-    assert variant(SamplingParams(temperature=1, top_k=5, top_p=0.9)) == (False, "top_p")
+    assert variant(SamplingParams(temperature=1, top_k=5, top_p=0.9)) == (False, "top_k")
+    assert variant(SamplingParams(temperature=1, top_p=0.9)) == (False, "top_p")
     assert variant(SamplingParams(temperature=0, frequency_penalty=1.0)) == (True, "none")
+
+
+def test_a_row_without_top_k_keeps_every_token_beside_rows_with_one():
+    """A batch mixing plain sampling with top-k rows: the plain row's distribution is not cut to
+    the top-k candidates (host-decided "top_k" variant and device-decided program alike)."""
+    logits = np.tile(-1e-3 * np.arange(1000, dtype=np.float32), (2, 1))  # about flat, ids in order
+    seqs = [
+        _seq(SamplingParams(temperature=1.0), seed=0),
+        _seq(SamplingParams(temperature=1.0, top_k=5), seed=1),
+    ]
+    for on_host in (False, True):
+        drawn = set()
+        for counter in range(200):
+            for s in seqs:
+                s.output_token_ids = [0] * counter
+            batch = SamplingBatch.from_sequences(seqs, 2, history_len=8, decide_on_host=on_host)
+            tokens = np.asarray(sample(logits, batch).tokens)
+            assert tokens[1] < 5  # the top-k are the first ids
+            drawn.add(int(tokens[0]))
+        assert max(drawn) >= 128, sorted(drawn)[-5:]  # beyond the 128 candidates
+
+
+def test_top_p_applies_to_what_top_k_keeps():
+    """top_k=2, top_p=0.5 over [0.4, 0.3, 0.2, 0.1]: renormalized, the top two are [4/7, 3/7],
+    and 4/7 alone reaches 0.5, so only the best token is ever drawn (vLLM and transformers
+    filter so); top-p over the whole distribution would keep two (0.4 < 0.5)."""
+    probs = np.array([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4))
+    logits = np.log(np.maximum(probs, 1e-30)).astype(np.float32)[None, :]
+    seen = set()
+    for seed in range(300):
+        params = SamplingParams(temperature=1.0, top_k=2, top_p=0.5)
+        tokens, _ = _sample(logits, [_seq(params, seed)])
+        seen.add(int(tokens[0]))
+    assert seen == {0}

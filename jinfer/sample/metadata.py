@@ -17,7 +17,7 @@ from jinfer.scheduler.sequence import Sequence
 
 NEG_INF = -1e30  # a banned token's logit bias
 # Top-k and top-p read this many best tokens first (no full-vocabulary sort); a batch whose every
-# filter is a top-k within them never needs the exact search beyond (`SamplerVariant`).
+# filtering row has a top-k within them never needs the exact search beyond (`SamplerVariant`).
 CANDIDATES = 128
 FILTERINGS = ("none", "top_k", "top_p")
 
@@ -30,7 +30,10 @@ class SamplerVariant:
     host nothing, one program decides on the device (`SamplingBatch.variant` is None)."""
 
     penalties: bool  # some row has repetition, presence or frequency penalties
-    filtering: str  # "none"; "top_k": every filter a top-k within CANDIDATES; "top_p": others
+    # "none"; "top_k": every filtering row has a top-k within CANDIDATES (and maybe a top-p,
+    # which applies within its top-k); "top_p": the others, which may need an exact search
+    # beyond the candidates (decided on the device)
+    filtering: str
 
 
 # Width of the per-row logit-bias table: MAX_LOGIT_BIAS entries plus MAX_STOP_TOKEN_IDS bans plus
@@ -143,7 +146,7 @@ def _variant(seqs: list[Sequence], use_penalties: bool) -> SamplerVariant:
     ]
     if not filters:
         filtering = "none"
-    elif all(p.top_p == 1.0 and p.top_k <= CANDIDATES for p in filters):
+    elif all(0 < p.top_k <= CANDIDATES for p in filters):  # their nuclei lie within too
         filtering = "top_k"
     else:
         filtering = "top_p"

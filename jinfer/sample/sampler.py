@@ -7,7 +7,7 @@ program per variant, none of them branching on the batch, since a conditional th
 device wait for the host), and on the device on CPU (one program, `lax.cond`s: they cost the
 host nothing). Nothing sorts the vocabulary: top-k/top-p read the best CANDIDATES tokens and
 fall back to an exact bisection when the answer lies beyond (a batch whose filters are all top-ks
-within the candidates never does; others decide that on the device, the one branch left).
+within the candidates never does; others decide that on the device: the branches left).
 
 A sampled row draws one uniform number from the request's own seed folded with its output index
 (so a seeded request draws the same tokens whatever else shares the batch) and inverts the
@@ -78,39 +78,51 @@ def _top_k_top_p_threshold(
 ) -> jax.Array:
     """Per-row logit threshold below which tokens are dropped by top-k and top-p. [B, 1].
 
-    `weights` [B, V] = exp(scaled - row max), summing to Z. The answer usually lies among the
-    `candidates` best tokens (k <= candidates, and they already hold top_p of the mass); rows
-    where it does not are settled exactly by bisection on the logit value over the whole
-    vocabulary -- never a full sort (one sort of 64 x 49k floats takes a second on a CPU).
+    Top-p applies to what top-k keeps, renormalized (as vLLM and transformers do): the smallest
+    set of the row's top-k whose share of the top-k's mass reaches top_p. `weights` [B, V] =
+    exp(scaled - row max). The answer usually lies among the `candidates` best tokens (a top-k
+    within them holds its nucleus too; without top-k, they often already hold top_p of the
+    mass); rows where it does not are settled exactly by bisection on the logit value over the
+    whole vocabulary -- never a full sort (one sort of 64 x 49k floats takes a second on a CPU).
     """
     v = scaled.shape[-1]
     c = min(candidates, v)
-    z = jnp.sum(weights, axis=-1, keepdims=True)  # [B, 1]
     best = jax.lax.top_k(scaled, c)[0]  # [B, C] descending
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)[:, None]  # [B, 1]
+    top_k_on = (s.top_k > 0)[:, None]  # [B, 1]; a row without top-k keeps every token
+    k = jnp.where(top_k_on, jnp.minimum(s.top_k[:, None], v), v)  # [B, 1]
     kth = jnp.take_along_axis(best, jnp.minimum(k, c) - 1, axis=-1)
-    p = jnp.exp(best - jnp.max(scaled, axis=-1, keepdims=True)) / z  # [B, C]
-    before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each candidate
-    keep = before < s.top_p[:, None]
-    pth = jnp.min(jnp.where(keep, best, jnp.inf), axis=-1, keepdims=True)
-    top_p_on = s.top_p[:, None] < 1.0
-    k_inside = k <= c
-    p_inside = ~top_p_on | (jnp.sum(p, axis=-1, keepdims=True) >= s.top_p[:, None])
+    k_inside = ~top_k_on | (k <= c)
+    hi = jnp.max(scaled, axis=-1, keepdims=True)
+    # Below hi - 128 a weight is 0 in float32 (and banned tokens sit at -1e30): searching there
+    # would only cost precision.
+    lo = jnp.maximum(jnp.min(scaled, axis=-1, keepdims=True), hi - 128.0)
 
-    def exact(_):
-        hi = jnp.max(scaled, axis=-1, keepdims=True)
-        # Below hi - 128 a weight is 0 in float32 (and banned tokens sit at -1e30): searching
-        # there would only cost precision.
-        lo = jnp.maximum(jnp.min(scaled, axis=-1, keepdims=True), hi - 128.0)
+    def k_search(kth):
         kth_x = _bisect(lo, hi, lambda t: jnp.sum(scaled >= t, -1, keepdims=True) >= k)
-        mass = lambda t: jnp.sum(jnp.where(scaled >= t, weights, 0), -1, keepdims=True)  # noqa: E731
-        pth_x = _bisect(lo, hi, lambda t: mass(t) >= s.top_p[:, None] * z)
-        return jnp.where(k_inside, kth, kth_x), jnp.where(p_inside, pth, pth_x)
+        return jnp.where(k_inside, kth, kth_x)
 
-    # A "top_k" batch (every filter a top-k within the candidates) never needs the search.
+    # Each search runs only when a row needs it; a "top_k" batch (every filter a top-k within
+    # the candidates) never does, and the host knows it.
     inside = True if s.variant is not None and s.variant.filtering == "top_k" else None
-    all_inside = jnp.all(k_inside & p_inside)
-    kth, pth = _branch(inside, all_inside, lambda _: (kth, pth), exact, None)
+    kth = _branch(inside, jnp.all(k_inside), lambda x: x, k_search, kth)
+    kth = jnp.where(top_k_on, kth, -jnp.inf)  # [B, 1]
+
+    # Top-p over the top-k: their mass zk, and the candidates' share of it, best first.
+    top_p_on = s.top_p[:, None] < 1.0
+    target = s.top_p[:, None] * jnp.sum(jnp.where(scaled >= kth, weights, 0.0), -1, keepdims=True)
+    p = jnp.where(best >= kth, jnp.exp(best - hi), 0.0)  # [B, C]
+    before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each candidate
+    pth = jnp.min(jnp.where((before < target) & (best >= kth), best, jnp.inf), -1, keepdims=True)
+    within = top_k_on & (k <= c)  # the whole top-k is among the candidates, so its nucleus too
+    p_inside = ~top_p_on | within | (jnp.sum(p, axis=-1, keepdims=True) >= target)
+
+    def p_search(pth):
+        floor = jnp.maximum(kth, lo)
+        mass = lambda t: jnp.sum(jnp.where(scaled >= t, weights, 0), -1, keepdims=True)  # noqa: E731
+        pth_x = _bisect(floor, hi, lambda t: mass(t) >= target)
+        return jnp.where(p_inside, pth, pth_x)
+
+    pth = _branch(inside, jnp.all(p_inside), lambda x: x, p_search, pth)
     return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
 
 
