@@ -19,7 +19,10 @@ a PNG (latency against throughput) when matplotlib is installed.
 
 Metric definitions (as vLLM's): TTFT = send to first content chunk; TPOT = (E2E - TTFT) /
 (output tokens - 1), per request; ITL = every gap between content chunks; E2E = send to last
-byte. Output tokens come from the server's usage report (stream_options.include_usage).
+byte. Output tokens come from the server's usage report (stream_options.include_usage); a
+server that sends none has its text counted with the model's tokenizer (--tokenizer, by default
+the named model's), as vLLM's `bench serve` does. A request that produced no token counts as
+failed, and a figure nothing measured is shown as missing (`-`), never as 0.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
@@ -146,13 +150,13 @@ class Result:
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
-    output_tokens: int = 0
+    output_tokens: int | None = None  # None: the server reported none, and nothing counted them
     text: str = ""
     error: str = ""
 
     @property
     def tpot(self) -> float | None:
-        if self.output_tokens < 2:
+        if self.output_tokens is None or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
@@ -206,6 +210,10 @@ async def send(
     res.e2e = time.perf_counter() - t0
     if first:  # no visible text at all (e.g. only special tokens): first token = the end
         res.ttft = res.e2e
+    if res.output_tokens is None and args.tokenizer is not None:  # no usage: count the text
+        res.output_tokens = len(args.tokenizer.encode(res.text, add_special_tokens=False))
+    if res.ok and not res.error and not res.text and not res.output_tokens:
+        res.error = "the stream ended without a token"
     res.ok = res.ok and not res.error
     return res
 
@@ -266,7 +274,8 @@ def summarize(results: list[Result], wall: float, slo: dict[str, float]) -> dict
     tpot = ms([r.tpot for r in ok if r.tpot is not None])
     itl = ms([x for r in ok for x in r.itls])
     e2e = ms([r.e2e for r in ok])
-    out_tokens = sum(r.output_tokens for r in ok)
+    counted = [r.output_tokens for r in ok if r.output_tokens is not None]
+    out_tokens = sum(counted) if ok and len(counted) == len(ok) else None  # None: not measured
     in_tokens = sum(r.prompt_tokens for r in ok)
 
     def good(r: Result) -> bool:
@@ -279,10 +288,10 @@ def summarize(results: list[Result], wall: float, slo: dict[str, float]) -> dict
         "errors": sorted({r.error for r in results if not r.ok})[:3],
         "wall_s": wall,
         "request_throughput": len(ok) / wall,
-        "output_tok_s": out_tokens / wall,
-        "total_tok_s": (in_tokens + out_tokens) / wall,
+        "output_tok_s": None if out_tokens is None else out_tokens / wall,
+        "total_tok_s": None if out_tokens is None else (in_tokens + out_tokens) / wall,
         "mean_prompt_tokens": in_tokens / max(1, len(ok)),
-        "mean_output_tokens": out_tokens / max(1, len(ok)),
+        "mean_output_tokens": None if out_tokens is None else out_tokens / len(ok),
         "goodput_req_s": sum(good(r) for r in ok) / wall if slo else None,
         **pct("ttft", ttft),
         **pct("tpot", tpot),
@@ -315,6 +324,16 @@ def launch(args: argparse.Namespace) -> subprocess.Popen:
     raise TimeoutError("server did not become ready")
 
 
+def token_counter(name: str | None, model: str) -> Any:
+    """The tokenizer `--tokenizer` names (None: `model`'s, if jinfer knows it by name)."""
+    from jinfer.loader.named_models import NAMED_MODELS, resolve_model
+    from jinfer.tokenizer.tokenizer import load_tokenizer
+
+    if name == "none" or (name is None and model not in NAMED_MODELS):
+        return None
+    return load_tokenizer(str(resolve_model(name or model)))
+
+
 def print_table(rows: list[dict]) -> None:
     cols = [
         ("workload", "{}"), ("load", "{}"), ("req", "{}"), ("fail", "{}"),
@@ -343,7 +362,10 @@ def plot(rows: list[dict], path: str) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        rs = [r for r in rows if r["workload"] == workload and "ttft_p50_ms" in r]
+        rs = [
+            r for r in rows
+            if r["workload"] == workload and "ttft_p50_ms" in r and r["output_tok_s"] is not None
+        ]  # fmt: skip
         x = [r["output_tok_s"] for r in rs]
         axes[0].plot(x, [r["ttft_p50_ms"] for r in rs], "o-", label=workload)
         axes[1].plot(x, [r.get("tpot_p50_ms", np.nan) for r in rs], "o-", label=workload)
@@ -377,6 +399,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument(
+        "--tokenizer",
+        help="counts the output tokens of a server that reports no usage: a GGUF file, an HF "
+        "directory or a named model (default: --model, if it names one; 'none': do not count)",
+    )
+    p.add_argument(
         "--launch", action="store_true", help="start `python -m jinfer.serve` for the run"
     )
     p.add_argument("--workload", nargs="+", default=["chat"], help=f"{', '.join(WORKLOADS)} or all")
@@ -393,6 +420,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("server_args", nargs="*", help="extra server flags (after --) with --launch")
     args = p.parse_args(argv)
+    args.tokenizer = token_counter(args.tokenizer, args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     workloads = list(WORKLOADS) if args.workload == ["all"] else args.workload

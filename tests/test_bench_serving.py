@@ -61,3 +61,54 @@ def test_every_workload_runs_against_a_live_server(bench, smollm2_tokenizer, tmp
     multi = next(r for r in rows if r["workload"] == "agentic-multi-turn")
     assert multi["requests"] >= 6  # two sessions of 3+ turns
     assert all(r["goodput_req_s"] == pytest.approx(r["request_throughput"]) for r in rows)
+
+
+def _peer_without_usage():
+    """An OpenAI-style server as llama-cpp-python's was seen to be: it streams text but no
+    usage, and every other request gets an empty stream."""
+    import itertools
+
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    calls = itertools.count()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> StreamingResponse:
+        empty = next(calls) % 2 == 1
+
+        async def events():
+            for word in [] if empty else ["Hello", " there", ",", " friend"]:
+                chunk = {"choices": [{"index": 0, "delta": {"content": word}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_a_peer_without_usage_is_counted_with_the_tokenizer_and_empty_streams_fail(
+    bench, smollm2_gguf_path, smollm2_tokenizer
+):
+    common = ["--model", "peer", "--workload", "chat", "--scale", "0.01", "--concurrency", "1"]
+    common += ["--num-sessions", "4", "--no-warmup"]
+    with LiveServer(_peer_without_usage()) as server:
+        server.wait_ready()
+        counted = bench.main(["--url", server.url, "--tokenizer", smollm2_gguf_path, *common])[0]
+        uncounted = bench.main(["--url", server.url, "--tokenizer", "none", *common])[0]
+    want = len(smollm2_tokenizer.encode("Hello there, friend", add_special_tokens=False))
+    for row in (counted, uncounted):
+        assert (row["requests"], row["failed"]) == (4, 2)  # the empty streams
+        assert row["errors"] == ["the stream ended without a token"]
+        assert row["ttft_p50_ms"] > 0  # from the two that streamed, not the empty ones
+    assert counted["mean_output_tokens"] == want and counted["output_tok_s"] > 0
+    assert "tpot_p50_ms" in counted
+    # Nothing counted the tokens: the figures are missing, not 0.
+    assert uncounted["output_tok_s"] is None and uncounted["mean_output_tokens"] is None
+    assert "tpot_p50_ms" not in uncounted
