@@ -83,7 +83,7 @@ def decode_rate(llm: Any, batch: int, prompt_len: int, steps: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"d{batch}-{i}", random_ids(prompt_len, seed=batch * 1000 + i), params)
-    while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
+    while any(s.num_known_output_tokens == 0 for s in eng.scheduler.running) or eng.num_waiting():
         eng.step()  # prefill everything first
     start = eng.stats.num_generated_tokens
     t0 = time.perf_counter()

@@ -306,7 +306,8 @@ def print_table(name: str, results: dict, floors: dict, ceilings: dict, work: Wo
         f"jinfer: {ref['output_tok_s'] / roof:.0%} of the compute roofline in output tokens, "
         f"{ref['total_tok_s'] / roof:.0%} in all tokens run (prompt + output), "
         f"single-stream decode {single:.1f} tok/s ({single / floor:.0%} of its floor), "
-        f"host time {ref['host_fraction']:.1%} of step time"
+        f"host busy {ref['host_fraction']:.1%} of step time (async scheduling: the device "
+        "computes meanwhile)"
     )
 
 

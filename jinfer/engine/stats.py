@@ -15,8 +15,9 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     # Wall seconds inside step(), and the part of them spent blocked on the device's results;
-    # the rest (scheduling, building inputs, dispatch, stop checks, outputs) is host time, during
-    # which the device idles: the loop is synchronous.
+    # the rest (scheduling, building inputs, dispatch, stop checks, outputs) is host time. The
+    # synchronous loop's device idles through it; with async scheduling the device computes the
+    # step in flight meanwhile, so host time no longer says how long the device waited.
     step_time: float = 0.0
     device_time: float = 0.0
     # Prefix cache, in tokens, counted at each admission (vllm:prefix_cache_queries / _hits).
@@ -32,7 +33,8 @@ class EngineStats:
 
     @property
     def host_fraction(self) -> float:
-        """Share of step wall time the device waited on the host (issue 5's goal: < 0.10)."""
+        """Share of step wall time the host was busy (not waiting for results): with the
+        synchronous loop, the share the device waited on the host."""
         return self.host_time / self.step_time if self.step_time else 0.0
 
     @property
