@@ -1,13 +1,56 @@
-"""`SamplingParams`: what a request asks of generation, validated on construction (as vLLM)."""
+"""`SamplingParams`: what a request asks of generation, validated on construction (as vLLM).
+
+Every field is held to the range its consumer can hold: counts and token ids to int32 (the
+device arrays they are packed into), floats to finite float32 values, and the rest to the limits
+below. A value outside raises `ParamError`, which names the field (`param`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
+MAX_N = 128  # completions per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # top-N logprobs per token, like OpenAI's limit
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # each is searched for in the new text of every token
 MAX_STOP_TOKEN_IDS = 128
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit; each value in [-100, 100]
+INT32_MAX = 2**31 - 1  # counts and token ids are packed into int32 arrays
+FLOAT32_MAX = 3.4028234663852886e38  # and floats into float32 ones
+# Temperatures below this sample greedily (vLLM's rule): dividing logits by a smaller one would
+# overflow float32.
+SAMPLING_EPS = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # logits are divided or multiplied by it in float32
+
+
+class ParamError(ValueError):
+    """A sampling setting out of range; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A client's value in an error message: escaped (repr), and cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_real(x: object) -> bool:
+    """A number a float32 array holds as itself (no inf, no NaN)."""
+    return (
+        isinstance(x, numbers.Real)
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and abs(x) <= FLOAT32_MAX
+    )
 
 
 @dataclasses.dataclass
@@ -47,73 +90,105 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = _token_map(self.logit_bias)
-        checks = [
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= -1, f"top_k must be -1 (disabled) or >= 0, got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (
-                self.repetition_penalty > 0,
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        for param, ok, message in self._checks():
+            if not ok():
+                raise ParamError(param, message)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.temperature < SAMPLING_EPS:
+            self.temperature = 0.0
+
+    def _checks(self) -> list[tuple[str, object, str]]:
+        """(field, predicate, message), each predicate evaluated only once the ones above it
+        hold (so a value of the wrong type is named, never compared)."""
+        rep_lo, rep_hi = REPETITION_PENALTY_RANGE
+
+        def count(name: str, lo: int, hi: int = INT32_MAX, optional: bool = False) -> list:
+            v = getattr(self, name)
+            is_int = lambda: (optional and v is None) or _is_int(v)  # noqa: E731
+            in_range = lambda: v is None or lo <= v <= hi  # noqa: E731
+            return [
+                (name, is_int, f"{name} must be an integer, got {_show(v)}"),
+                (name, in_range, f"{name} must be in [{lo}, {hi}], got {v}"),
+            ]
+
+        def real(name: str, ok, rule: str) -> list:
+            v = getattr(self, name)
+            return [
+                (name, lambda: _is_real(v), f"{name} must be a finite number, got {_show(v)}"),
+                (name, lambda: ok(v), f"{name} must be {rule}, got {v}"),
+            ]
+
+        return [
+            *count("n", 1, MAX_N),
+            *real("temperature", lambda v: v >= 0, ">= 0"),
+            *real("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+            *count("top_k", -1),
+            *real("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            *real(
+                "repetition_penalty",
+                lambda v: rep_lo <= v <= rep_hi,
+                f"in [{rep_lo}, {rep_hi}] (1 is off)",
             ),
+            *real("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            *real("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            *count("max_tokens", 1, optional=True),
+            *count("min_tokens", 0),
             (
-                -2 <= self.presence_penalty <= 2,
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
-            ),
-            (
-                -2 <= self.frequency_penalty <= 2,
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-            ),
-            (
-                self.max_tokens is None or self.max_tokens >= 1,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
-            ),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (
-                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                lambda: self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             ),
+            *count("logprobs", 0, MAX_LOGPROBS, optional=True),
+            *count("seed", 0, 2**63 - 1, optional=True),
             (
-                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                "stop",
+                lambda: all(isinstance(s, str) and s for s in self.stop),
+                "stop strings must be non-empty strings",
             ),
             (
-                self.seed is None or 0 <= self.seed < 2**63,
-                f"seed must be a non-negative integer, got {self.seed}",
-            ),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
-            (
-                len(self.stop) <= MAX_STOP_STRINGS,
+                "stop",
+                lambda: len(self.stop) <= MAX_STOP_STRINGS,
                 f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",
             ),
             (
-                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                "stop",
+                lambda: all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+                f"a stop string may hold at most {MAX_STOP_STRING_CHARS} characters",
+            ),
+            (
+                "stop_token_ids",
+                lambda: len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
                 f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, "
                 f"got {len(self.stop_token_ids)}",
             ),
             (
-                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                "stop_token_ids",
+                lambda: all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+                f"stop_token_ids must be integers in [0, {INT32_MAX}]",
+            ),
+            (
+                "logit_bias",
+                lambda: len(self.logit_bias) <= MAX_LOGIT_BIAS,
                 f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
             ),
             (
-                all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),
-                "logit_bias maps non-negative token ids to values in [-100, 100]",
+                "logit_bias",
+                lambda: all(
+                    0 <= t <= INT32_MAX and _is_real(b) and -100 <= b <= 100
+                    for t, b in self.logit_bias.items()
+                ),
+                f"logit_bias maps token ids in [0, {INT32_MAX}] to numbers in [-100, 100]",
             ),
             (
-                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-                "stop_token_ids must be non-negative integers",
-            ),
-            (
-                self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt),
-                f"cache_salt must be a non-empty string if provided, got {self.cache_salt!r}",
+                "cache_salt",
+                lambda: (
+                    self.cache_salt is None
+                    or (isinstance(self.cache_salt, str) and self.cache_salt)
+                ),
+                f"cache_salt must be a non-empty string if provided, got {_show(self.cache_salt)}",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.top_k == -1:
-            self.top_k = 0
 
     @property
     def greedy(self) -> bool:
@@ -135,5 +210,7 @@ def _token_map(bias: dict | None) -> dict[int, float]:
         try:
             out[int(k)] = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias maps token ids to numbers; got {k!r}: {v!r}") from None
+            raise ParamError(
+                "logit_bias", f"logit_bias maps token ids to numbers; got {_show(k)}: {_show(v)}"
+            ) from None
     return out

@@ -23,7 +23,7 @@ from jinfer.outputs import RequestOutput
 from jinfer.runner import buckets
 from jinfer.runner.compilation import num_compiles
 from jinfer.runner.model_runner import DispatchedStep, ModelRunner
-from jinfer.sampling_params import SamplingParams
+from jinfer.sampling_params import ParamError, SamplingParams
 from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -133,14 +133,14 @@ class Engine:
         return ids
 
     def validate_params(self, params: SamplingParams) -> None:
-        """ValueError if `params` names a token id this model does not have."""
+        """ParamError if `params` names a token id this model does not have."""
         vocab = self.cfg.vocab_size
         named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias))
         for name, ids in named:
             bad = [t for t in ids if t >= vocab]
             if bad:
-                raise ValueError(
-                    f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+                raise ParamError(
+                    name, f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})"
                 )
 
     def abort(self, request_id: str) -> bool:

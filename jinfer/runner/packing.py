@@ -5,6 +5,10 @@ most of a decode step's host time. `pack` lays the leaves of a pytree (int32, ui
 float32 arrays) into one int32 and one float32 buffer; `unpack`, inside jit, slices them back at
 static offsets. The `Layout` (tree structure, shapes, dtypes) is a hashable static argument, so
 each bucket still compiles once.
+
+Nothing is wrapped or rounded on the way: numpy refuses a Python int a leaf's dtype cannot hold
+when the arrays are filled, and `pack` refuses a float32 leaf holding inf or NaN and any dtype it
+does not pack.
 """
 
 from __future__ import annotations
@@ -49,7 +53,18 @@ def pack(tree: Any) -> tuple[Layout, np.ndarray, np.ndarray]:
             raise TypeError(f"cannot pack a {kind} array (int32, uint32, bool, float32 only)")
     ibuf = np.concatenate(ints) if ints else np.zeros(0, np.int32)
     fbuf = np.concatenate(floats) if floats else np.zeros(0, np.float32)
+    if not np.isfinite(fbuf).all():
+        _refuse_non_finite(tree)
     return Layout(treedef, tuple(specs)), ibuf, fbuf
+
+
+def _refuse_non_finite(tree: Any) -> None:
+    """ValueError naming the float32 leaf that holds inf or NaN: a value that overflowed on
+    its way in (the request checks keep values in range; this is the last line)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        if a.dtype == np.float32 and not np.isfinite(a).all():
+            raise ValueError(f"cannot pack {jax.tree_util.keystr(path)}: inf or NaN in float32")
 
 
 def unpack(layout: Layout, ibuf: jax.Array, fbuf: jax.Array) -> Any:
