@@ -36,7 +36,7 @@ BAD_COMPLETIONS = [
     (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     (b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
     (b'{"prompt": "x", "n": 0}', 400, "n must"),
-    (b'{"prompt": "x", "n": 100000}', 400, "n must be at most"),
+    (b'{"prompt": "x", "n": 100000}', 400, "n must be in [1, 128]"),
     (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     (b'{"prompt": "x", "max_tokens": 300}', 400, "maximum context length"),
     (b'{"prompt": [1, 2, 99999999]}', 400, "outside the vocabulary"),

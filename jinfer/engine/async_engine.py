@@ -34,7 +34,11 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(RuntimeError):
-    """Admission control: too many requests are waiting already."""
+    """Admission control: too many requests are waiting already (retry later)."""
+
+
+class TooLargeError(ValueError):
+    """Admission control: more requests at once than the server ever holds (never retry)."""
 
 
 class ShuttingDownError(RuntimeError):
@@ -149,6 +153,11 @@ class AsyncEngine:
         if self.draining:
             raise ShuttingDownError("the server is shutting down")
         capacity = self.engine.config.max_num_seqs + self.max_waiting_requests
+        if num_requests > capacity:
+            raise TooLargeError(
+                f"this asks for {num_requests} completions at once, more than the server ever "
+                f"holds ({capacity}: max_num_seqs + max_waiting_requests); send fewer prompts"
+            )
         if len(self._pending) + num_requests > capacity:
             raise QueueFullError(
                 f"{len(self._pending)} requests are in flight, the limit is {capacity}; "

@@ -121,15 +121,24 @@ class ServerState:
         if model is not None and model != self.config.served_model_name:
             raise APIError(
                 404,
-                f"The model `{model}` does not exist; this server serves "
-                f"`{self.config.served_model_name}`.",
+                f"The model {_quote(model)} does not exist; this server serves "
+                f"{_quote(self.config.served_model_name)}.",
                 param="model",
                 code="model_not_found",
             )
 
 
+MAX_JSON_DEPTH = 32  # nesting of the request body (a chat message's content parts: 4)
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """Client text inside an error message: escaped, and cut short."""
+    shown = json.dumps(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + '..."'
+
+
 async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
-    """Strict parsing with named errors: UTF-8, then JSON, then the schema."""
+    """Strict parsing with named errors: UTF-8, then JSON, its depth and text, then the schema."""
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -139,12 +148,44 @@ async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
+    check_json(obj)
     try:
         return cls.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+def check_json(obj: Any) -> None:
+    """400 for a body nested deeper than MAX_JSON_DEPTH, or holding text that is not valid
+    Unicode (a lone surrogate such as "\\ud800" parses as JSON, and nothing downstream can
+    encode it): checked once here, for every field of every endpoint, naming where."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    field = path.lstrip(".")
+                    where = _quote(field) if field else "the body"
+                    raise bad_request(
+                        f"{where}: not valid Unicode text (a lone surrogate at {e.start})",
+                        field.split(".")[0].split("[")[0].encode("ascii", "replace").decode()
+                        or None,
+                    ) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, f"{path}.{k!s:.40}", depth + 1))
+                stack.append((v, f"{path}.{k!s:.40}", depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
 
 
 class BodyLimit:
@@ -257,7 +298,7 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         body = await parse_body(request, P.CompletionRequest)
         state.check_model(body.model)
         serving = state.require_ready()
-        gen = serving.completion(body)
+        gen = await asyncio.to_thread(serving.completion, body)  # tokenizing: off the loop
         return await _respond(serving, gen, request, body.stream)
 
     @v1.post("/chat/completions")
@@ -265,7 +306,7 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         body = await parse_body(request, P.ChatCompletionRequest)
         state.check_model(body.model)
         serving = state.require_ready()
-        gen = serving.chat(body)
+        gen = await asyncio.to_thread(serving.chat, body)  # the template, tokenizing: off the loop
         return await _respond(serving, gen, request, body.stream)
 
     @app.post("/tokenize")
@@ -275,10 +316,16 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         serving = state.require_ready()
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages")
-        if body.prompt is not None:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
-            ids = serving.chat_prompt_ids(body.messages, body.add_generation_prompt)
+
+        def encode() -> list[int]:
+            if body.prompt is not None:
+                serving.check_length(body.prompt, "prompt")
+                return state.tokenizer.encode(
+                    body.prompt, add_special_tokens=body.add_special_tokens
+                )
+            return serving.chat_prompt_ids(body.messages, body.add_generation_prompt)
+
+        ids = await asyncio.to_thread(encode)  # off the event loop
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}
 
     @app.post("/detokenize")

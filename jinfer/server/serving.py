@@ -25,16 +25,14 @@ from jinfer.engine.async_engine import (
     EngineDeadError,
     QueueFullError,
     ShuttingDownError,
+    TooLargeError,
 )
 from jinfer.outputs import CompletionOutput, RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.sampling_params import ParamError, SamplingParams
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
-
-
-MAX_N = 128  # choices per request
 
 
 class ClientGone(Exception):
@@ -155,10 +153,22 @@ class Serving:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ------------------------------------------------------------ validation
+    def check_length(self, text: str, param: str) -> None:
+        """A 400 for text too long to be max_model_len tokens, told by its length alone: a huge
+        prompt is refused before anything tokenizes it."""
+        limit = self.max_model_len * self.tokenizer.max_token_chars
+        if len(text) > limit:
+            raise bad_request(
+                f"{param} has {len(text)} characters: more than this model's context of "
+                f"{self.max_model_len} tokens can hold (at most {limit} characters)",
+                param,
+            )
+
     def _encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("prompt is empty", param)
+            self.check_length(prompt, param)
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
@@ -167,14 +177,16 @@ class Serving:
         except ValueError as e:
             raise bad_request(str(e), param) from None
 
-    def _sampling_params(self, body: Any, max_tokens: int | None, logprobs: int | None) -> Any:
-        if body.n > MAX_N:
-            raise bad_request(f"n must be at most {MAX_N}, got {body.n}", "n")
+    def _sampling_params(
+        self, body: Any, max_tokens: int | None, logprobs: int | None, names: dict[str, str]
+    ) -> Any:
+        """The body's SamplingParams; a 400 naming the field for a value out of range (`names`:
+        the body's name of a SamplingParams field, where the two differ)."""
         try:
             params = body.sampling_params(max_tokens, logprobs)
             self.engine.engine.validate_params(params)
-        except ValueError as e:
-            raise bad_request(str(e), _param_named_in(str(e))) from None
+        except ParamError as e:
+            raise bad_request(str(e), names.get(e.param, e.param)) from None
         return params
 
     def chat_prompt_ids(
@@ -183,6 +195,10 @@ class Serving:
         """The chat template applied to `messages`; a 400 for what the template rejects."""
         try:
             plain = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as e:  # a content part that is not text
+            raise bad_request(f"messages: {e}", "messages") from None
+        self.check_length("".join(m["content"] for m in plain), "messages")
+        try:
             ids = self.tokenizer.apply_chat_template(
                 plain, add_generation_prompt=add_generation_prompt, tokenize=True
             )
@@ -206,7 +222,7 @@ class Serving:
         ]
         longest = max(len(ids) for ids, _ in prompts)
         max_tokens = resolve_max_tokens(body.max_tokens, longest, self.max_model_len)
-        params = self._sampling_params(body, max_tokens, body.logprobs)
+        params = self._sampling_params(body, max_tokens, body.logprobs, {})
         return Generation("completion", self.model_name, prompts, params, body)
 
     def chat(self, body: P.ChatCompletionRequest) -> Generation:
@@ -222,7 +238,9 @@ class Serving:
             raise bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
         max_tokens = resolve_max_tokens(requested, len(ids), self.max_model_len)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._sampling_params(body, max_tokens, logprobs)
+        tokens = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        names = {"logprobs": "top_logprobs", "max_tokens": tokens}
+        params = self._sampling_params(body, max_tokens, logprobs, names)
         return Generation("chat", self.model_name, [(ids, None)], params, body)
 
     # ------------------------------------------------------------- submission
@@ -235,6 +253,8 @@ class Serving:
             ]
         except QueueFullError as e:
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except TooLargeError as e:
+            raise bad_request(str(e), "prompt") from None
         except (ShuttingDownError, EngineDeadError) as e:
             raise APIError(503, str(e), code="unavailable") from None
 
@@ -364,9 +384,3 @@ class Serving:
 
 def _no_usage(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "usage"}
-
-
-def _param_named_in(message: str) -> str | None:
-    """The request field a SamplingParams error names (its messages start with the field)."""
-    head = message.split(" ", 1)[0].rstrip(":")
-    return head if head.isidentifier() else None

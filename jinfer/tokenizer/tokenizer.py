@@ -9,6 +9,7 @@ Streaming (ids to text deltas, stop strings) is the engine's: `engine/detokenize
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,6 +63,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special (control) tokens are dropped if ``skip_special_tokens``."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text longer than n times this cannot
+        be n tokens or fewer, which a caller can tell before encoding it. (A vocabulary entry's
+        spelling has a character per byte, or per sentencepiece symbol, of what it stands
+        for.)"""
+        return max(1, *(len(t) for t in self.convert_ids_to_tokens(range(self.vocab_size))))
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary strings of ``ids`` (byte-level or sentencepiece spelling)."""
