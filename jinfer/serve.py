@@ -5,7 +5,9 @@
 
 The port opens at once; `/health` answers 503 while the model loads and compiles, then 200.
 SIGTERM or Ctrl-C stops admitting, gives in-flight requests `--shutdown-timeout` seconds, ends
-the rest with a final `abort` event, and exits 0.
+the rest with a final `abort` event, and exits 0. If the engine loop ever dies, its traceback is
+logged, in-flight requests end with an error, and the server exits 1 for a supervisor to restart
+it (`--no-exit-on-engine-error`: it stays up answering 503, for debugging).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-request-body-bytes", type=int, default=16 * 2**20)
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--exit-on-engine-error",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exit with status 1 when the engine loop dies, for a supervisor to restart the "
+        "server (default on; off: stay up answering 503, for debugging)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     check_engine_args(p, args)
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         max_waiting_requests=args.max_waiting_requests,
         max_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        exit_on_engine_error=args.exit_on_engine_error,
     )
     app = create_app(config, make_loader(args))
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -87,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     log.info("listening on http://%s:%d (model %s)", args.host, sock.getsockname()[1], args.model)
-    server.run(sockets=[sock])
     state = app.state.jinfer
+    state.request_exit = lambda: setattr(server, "should_exit", True)  # as a first SIGTERM
+    server.run(sockets=[sock])
     if state.loader is not None and state.loader.is_alive():
         # Still loading (compiling): nothing to drain, and a compile thread cannot be joined
         # quickly. Leave without running interpreter teardown under it.
         logging.shutdown()
         os._exit(0)
-    return 0
+    return state.exit_code  # 1 after the engine loop died
 
 
 class GracefulServer(uvicorn.Server):

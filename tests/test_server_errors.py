@@ -249,3 +249,21 @@ def test_a_dying_engine_ends_streams_with_an_error_and_health_says_503(tok):
         assert httpx.get(s.url + "/health").status_code == 503
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503
+
+
+@pytest.mark.parametrize("exit_on_engine_error", [True, False])
+def test_a_dying_engine_ends_the_server_with_exit_status_1_unless_told_to_stay(
+    tok, exit_on_engine_error
+):
+    config = ServerConfig(MODEL, exit_on_engine_error=exit_on_engine_error)
+    with start(tok, config=config, step_delay=0.02) as s:
+        s.wait_ready()
+        s.state.request_exit = lambda: setattr(s.server, "should_exit", True)  # as serve.py
+        s.engine.runner.fail = True
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "doomed"}, timeout=30)
+        assert r.status_code == 503 and "injected engine failure" in r.json()["error"]["message"]
+        assert s.state.exit_code == 1
+        stopped = wait_until(lambda: not s.thread.is_alive(), timeout=10)
+        assert stopped == exit_on_engine_error
+        if not exit_on_engine_error:
+            assert httpx.get(s.url + "/health").status_code == 503  # up, saying what happened

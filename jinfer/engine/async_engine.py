@@ -10,8 +10,9 @@ inbox is drained before every step, so an abort (a client that went away) takes 
 the next step and its pages are free by then. A stream keeps only the newest output (each one
 holds the whole state so far), so a slow reader never makes the engine wait or queue memory.
 
-If a step raises, the engine is dead: every open stream ends with the error, `/health` turns
-503, and new requests are refused; the process stays up to say so.
+If a step raises, the engine is dead: the traceback is logged once, every open stream ends with
+the error, `/health` turns 503, new requests are refused, and `on_dead` is told (the server then
+exits non-zero, so that a supervisor restarts it: `--exit-on-engine-error`).
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ class AsyncEngine:
         *,
         max_waiting_requests: int = 256,
         on_output: Callable[[RequestOutput], None] | None = None,
+        on_dead: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.on_output = on_output  # called on the engine thread (metrics)
+        self.on_dead = on_dead  # called on the event loop once the loop died and streams ended
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
@@ -239,6 +242,8 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._pending):
             self._fail(request_id, EngineDeadError(f"the engine loop stopped: {error!r}"))
+        if self.on_dead is not None:
+            self.on_dead(error)
 
 
 def _aborted(request_id: str, pending: _Pending) -> RequestOutput:

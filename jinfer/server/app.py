@@ -45,6 +45,9 @@ class ServerConfig:
     max_waiting_requests: int = 256  # beyond running + this many, 429
     max_body_bytes: int = 16 * 2**20
     shutdown_timeout: float = 10.0  # on SIGTERM, in-flight requests get this long, then abort
+    # A dead engine loop ends the process (exit status 1) once its streams have ended, so that
+    # a supervisor restarts it (vLLM's behaviour); off: it stays up, answering 503 (debugging).
+    exit_on_engine_error: bool = True
 
 
 class ServerState:
@@ -59,6 +62,9 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loader: threading.Thread | None = None
         self.created = int(time.time())
+        # Set by whoever runs the HTTP server (serve.py): stops it, as a first SIGTERM does.
+        self.request_exit: Callable[[], None] | None = None
+        self.exit_code = 0  # what the process should exit with
 
     # -------------------------------------------------------------- lifecycle
     def start_loading(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -80,6 +86,7 @@ class ServerState:
             engine,
             max_waiting_requests=self.config.max_waiting_requests,
             on_output=self.metrics.observe,
+            on_dead=self._on_engine_dead,
         )
         async_engine.start(self.loop)
         self.metrics.attach(engine)
@@ -87,6 +94,14 @@ class ServerState:
         self.serving = Serving(async_engine, tokenizer, self.config.served_model_name)
         self.async_engine = async_engine
         log.info("ready: serving %s", self.config.served_model_name)
+
+    def _on_engine_dead(self, error: BaseException) -> None:
+        """The engine loop died (logged there): exit non-zero once the failed streams are sent,
+        unless told to stay up."""
+        self.exit_code = 1
+        if self.config.exit_on_engine_error and self.request_exit is not None:
+            log.error("the engine loop died: shutting down (exit status 1)")
+            self.request_exit()
 
     def begin_shutdown(self) -> None:
         """Stops admitting; in-flight requests get `shutdown_timeout` s, then end with `abort`."""
