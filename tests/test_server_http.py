@@ -188,6 +188,12 @@ def test_metrics_use_vllm_names_and_count(tok):
         for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
             assert samples[f"vllm:{gauge}{label}"] == 0
         assert f"jinfer:xla_compiles_total{label}" in samples
+        assert samples[f"jinfer:kv_cache_pages_in_use{label}"] == 0  # all back when idle
+        assert (
+            samples[f"jinfer:kv_cache_pages_total{label}"]
+            == s.state.async_engine.engine.blocks.num_usable_pages
+        )
+        assert samples["process_resident_memory_bytes"] > 2**20
 
 
 def test_health_is_503_while_loading_then_200(tok):

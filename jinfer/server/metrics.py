@@ -1,8 +1,9 @@
 """Prometheus metrics under vLLM's names, so existing vLLM dashboards and alerts work unchanged.
 
-State (running, waiting, KV usage) and engine totals are read from the engine when scraped;
-latency histograms are fed per request output from the engine loop. Every server instance has
-its own registry, so several can live in one process (tests).
+State (running, waiting, KV usage and pages) and engine totals are read from the engine when
+scraped; latency histograms are fed per request output from the engine loop. Every server has
+its own registry, so several can live in one process (tests); each exports the process's own
+(`process_resident_memory_bytes`, CPU seconds, open files), as vLLM's default registry does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -70,6 +72,17 @@ class _EngineCollector(Collector):
             "Fraction of KV cache pages in use (0-1).",
             e.kv_cache_usage(),
         )
+        blocks = e.blocks
+        yield self._gauge(
+            "jinfer:kv_cache_pages_in_use",
+            "KV cache pages referenced by requests (idle cached pages are free).",
+            blocks.num_usable_pages - blocks.num_free_pages,
+        )
+        yield self._gauge(
+            "jinfer:kv_cache_pages_total",
+            "KV cache pages requests can use.",
+            blocks.num_usable_pages,
+        )
         yield self._counter(
             "vllm:prompt_tokens", "Prompt tokens received.", stats.num_prompt_tokens
         )
@@ -112,6 +125,7 @@ class ServerMetrics:
         self._collector: _EngineCollector | None = None
         labels = ["model_name"]
         reg = self.registry
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, ..., as vLLM exports
         self.request_success = Counter(
             "vllm:request_success",
             "Finished completions, by finish reason.",
