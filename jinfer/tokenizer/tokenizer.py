@@ -52,6 +52,11 @@ class Tokenizer:
             chat_template = GEMMA_CHAT_TEMPLATE
         self.chat_template = chat_template
 
+    @property
+    def backend(self) -> BPEBackend | SentencePieceBackend:
+        """The vocabulary's implementation (what a grammar engine reads the tokens from)."""
+        return self._backend
+
     def _token(self, i: int | None) -> str | None:
         return None if i is None else self._backend.id_to_token(i)
 
