@@ -38,19 +38,23 @@ def _is_int(x: object) -> bool:
 
 
 def _show(value: object, limit: int = 60) -> str:
-    """A client's value in an error message: escaped (repr), and cut short."""
-    text = repr(value)
+    """A client's value in an error message: escaped (repr), and cut short. (An int past
+    Python's 4300-digit limit has no repr: it is shown by its size.)"""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"  # type: ignore[attr-defined]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_real(x: object) -> bool:
     """A number a float32 array holds as itself (no inf, no NaN)."""
-    return (
-        isinstance(x, numbers.Real)
-        and not isinstance(x, bool)
-        and math.isfinite(x)
-        and abs(x) <= FLOAT32_MAX
-    )
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x) and abs(x) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclasses.dataclass
@@ -109,14 +113,14 @@ class SamplingParams:
             in_range = lambda: v is None or lo <= v <= hi  # noqa: E731
             return [
                 (name, is_int, f"{name} must be an integer, got {_show(v)}"),
-                (name, in_range, f"{name} must be in [{lo}, {hi}], got {v}"),
+                (name, in_range, f"{name} must be in [{lo}, {hi}], got {_show(v)}"),
             ]
 
         def real(name: str, ok, rule: str) -> list:
             v = getattr(self, name)
             return [
                 (name, lambda: _is_real(v), f"{name} must be a finite number, got {_show(v)}"),
-                (name, lambda: ok(v), f"{name} must be {rule}, got {v}"),
+                (name, lambda: ok(v), f"{name} must be {rule}, got {_show(v)}"),
             ]
 
         return [
@@ -137,7 +141,8 @@ class SamplingParams:
             (
                 "min_tokens",
                 lambda: self.max_tokens is None or self.min_tokens <= self.max_tokens,
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                f"min_tokens ({_show(self.min_tokens)}) must not exceed max_tokens "
+                f"({_show(self.max_tokens)})",
             ),
             *count("logprobs", 0, MAX_LOGPROBS, optional=True),
             *count("seed", 0, 2**63 - 1, optional=True),
@@ -209,7 +214,7 @@ def _token_map(bias: dict | None) -> dict[int, float]:
     for k, v in (bias or {}).items():
         try:
             out[int(k)] = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ParamError(
                 "logit_bias", f"logit_bias maps token ids to numbers; got {_show(k)}: {_show(v)}"
             ) from None

@@ -42,3 +42,20 @@ def test_defaults_and_normalisation():
     p = SamplingParams(stop="###", top_k=-1)
     assert p.stop == ["###"] and p.top_k == 0 and p.max_tokens == 16 and not p.greedy
     assert SamplingParams(temperature=0).greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 10**400}, "temperature"),  # too large for a float
+        ({"logit_bias": {1: 10**400}}, "logit_bias"),
+        ({"top_k": 10**5000}, "top_k"),  # too long for a repr (Python's 4300-digit limit)
+        ({"min_tokens": 10**5000, "max_tokens": None}, "min_tokens"),
+    ],
+)
+def test_integers_past_float_or_repr_range_are_a_param_error_naming_the_field(kwargs, param):
+    from jinfer.sampling_params import ParamError
+
+    with pytest.raises(ParamError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param

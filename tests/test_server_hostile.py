@@ -92,6 +92,14 @@ def test_deeply_nested_json_is_a_400(server, depth):
     _assert_serves(server)
 
 
+@pytest.mark.parametrize("field", ["top_k", "temperature", "max_tokens"])
+def test_an_integer_past_pythons_digit_limit_is_a_400(server, field):
+    body = b'{"prompt": "x", "%s": %s}' % (field.encode(), b"9" * 5000)
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    _assert_serves(server)
+
+
 def test_a_huge_prompt_is_refused_by_its_length_before_tokenizing(server, tok):
     limit = server.state.serving.max_model_len * tok.max_token_chars
     r = _post(server, "/v1/completions", {"prompt": "word " * (limit // 5 + 1000)})

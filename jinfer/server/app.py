@@ -161,7 +161,7 @@ async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
         raise bad_request(f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4300 digits
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
