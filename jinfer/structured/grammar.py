@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import json
 import logging
 import threading
@@ -100,14 +99,21 @@ class GrammarCompiler:
         self.timeout_s = timeout_s
         self._cache: collections.OrderedDict[tuple, CompiledGrammar] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._vocab_lock = threading.Lock()
+        self._lltokenizer: llguidance.LLTokenizer | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers, thread_name_prefix="jinfer-grammar"
         )
         self.num_compiles = 0
 
-    @functools.cached_property
+    @property
     def lltokenizer(self) -> llguidance.LLTokenizer:
-        return llguidance_tokenizer(self.tokenizer)
+        """The vocabulary, built once (0.2-1.2 s): two first compiles on the two workers must
+        not both build it."""
+        with self._vocab_lock:
+            if self._lltokenizer is None:
+                self._lltokenizer = llguidance_tokenizer(self.tokenizer)
+            return self._lltokenizer
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         key = params.cache_key
