@@ -256,23 +256,28 @@ def _incomplete(raw: str, body: dict) -> str | None:
 
 
 # ---------------------------------------------------------------- metrics
-def scrape(url: str) -> dict[str, float]:
-    """The /metrics samples this report reads, by name without labels."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    wanted = {
-        "process_resident_memory_bytes",
-        "jinfer:kv_cache_pages_in_use",
-        "jinfer:kv_cache_pages_total",
-        "vllm:num_requests_running",
-        "vllm:num_requests_waiting",
-    }
+WANTED = {
+    "process_resident_memory_bytes",
+    "jinfer:kv_cache_pages_in_use",
+    "jinfer:kv_cache_pages_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The /metrics samples this report reads (WANTED), by name without labels."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            if name.split("{")[0] in wanted:
+            if name.split("{")[0] in WANTED:
                 out[name.split("{")[0]] = float(value)
     return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    return parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
 
 
 def wait_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
@@ -349,9 +354,9 @@ async def _sample_rss(url: str, until: float, every: float, out: list[float]) ->
                 text = (await http.get("/metrics")).text
             except httpx.HTTPError:
                 continue
-            for line in text.splitlines():
-                if line.startswith("process_resident_memory_bytes "):
-                    out.append(float(line.split()[1]))
+            rss = parse_metrics(text).get("process_resident_memory_bytes")
+            if rss is not None:
+                out.append(rss)
 
 
 def main(argv: list[str] | None = None) -> int:
