@@ -55,9 +55,14 @@ class BlockManager:
         return len(self.free_pages) + (self.cache.num_evictable if self.cache else 0)
 
     @property
+    def num_used_pages(self) -> int:
+        """Pages referenced by requests (cached idle pages are reclaimable, so not counted)."""
+        return self.num_usable_pages - self.num_free_pages
+
+    @property
     def usage(self) -> float:
-        """Fraction of usable pages referenced by requests (cached idle pages are reclaimable)."""
-        return 1.0 - self.num_free_pages / self.num_usable_pages
+        """Fraction of usable pages referenced by requests."""
+        return self.num_used_pages / self.num_usable_pages
 
     @property
     def num_cached_pages(self) -> int:

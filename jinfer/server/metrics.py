@@ -76,7 +76,7 @@ class _EngineCollector(Collector):
         yield self._gauge(
             "jinfer:kv_cache_pages_in_use",
             "KV cache pages referenced by requests (idle cached pages are free).",
-            blocks.num_usable_pages - blocks.num_free_pages,
+            blocks.num_used_pages,
         )
         yield self._gauge(
             "jinfer:kv_cache_pages_total",
