@@ -10,9 +10,9 @@ tokenizer before it is kept.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -36,4 +36,6 @@ def main(out: str = ".gpu") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=".gpu", help="the kit's folder (default .gpu)")
+    main(parser.parse_args().out)
