@@ -9,11 +9,13 @@ program reads. Nothing here is per request on the device: every mix of settings 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
 
 from jinfer.scheduler.sequence import Sequence
+from jinfer.structured.bitmask import mask_width
 
 NEG_INF = -1e30  # a banned token's logit bias
 # Top-k and top-p read this many best tokens first (no full-vocabulary sort); a batch whose every
@@ -59,17 +61,27 @@ class SamplingBatch:
     bias_vals: jax.Array  # [B, NB] f32
     history: jax.Array  # [B, Lh] i32: prompt + output ids, -1 padded (penalties only)
     history_is_output: jax.Array  # [B, Lh] bool
+    # [B, W] i32: each row's allowed tokens as bits (structured output: `structured/bitmask.py`),
+    # all ones for a row without a constraint; a [B, 1] stub when no row has one (a program of
+    # its own: a free batch never pays for the mask)
+    bitmask: jax.Array
     want_logprobs: jax.Array  # [] bool: any row asked for top-N logprobs
     use_penalties: jax.Array  # [] bool
     variant: SamplerVariant | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def from_sequences(
-        cls, seqs: list[Sequence], rows: int, history_len: int, decide_on_host: bool = False
+        cls,
+        seqs: list[Sequence],
+        rows: int,
+        history_len: int,
+        decide_on_host: bool = False,
+        bitmask: np.ndarray | None = None,
     ) -> SamplingBatch:
         """The sampling settings of `seqs` in `rows` padded rows (padding rows are greedy);
         `history_len`: the penalty history's width (the engine's max_model_len);
-        `decide_on_host`: settle the batch's `SamplerVariant` here (accelerators)."""
+        `decide_on_host`: settle the batch's `SamplerVariant` here (accelerators);
+        `bitmask` [rows, W]: the rows' allowed tokens, when some row is constrained."""
         f32 = lambda v: np.full(rows, v, np.float32)  # noqa: E731
         temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
         rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
@@ -111,6 +123,7 @@ class SamplingBatch:
             bias_vals=bias_vals,
             history=history,
             history_is_output=is_output,
+            bitmask=np.full((rows, 1), -1, np.int32) if bitmask is None else bitmask,
             want_logprobs=np.bool_(want_logprobs),
             use_penalties=np.bool_(use_penalties),
             variant=_variant(seqs, use_penalties) if decide_on_host else None,
@@ -118,23 +131,25 @@ class SamplingBatch:
 
     @classmethod
     def warmup_variants(
-        cls, rows: int, history_len: int, decide_on_host: bool = False
+        cls, rows: int, history_len: int, vocab_size: int, decide_on_host: bool = False
     ) -> list[SamplingBatch]:
         """One batch per program the sampler may run for `rows`: without and with the penalty
-        history, and on the host's side every `SamplerVariant` (warm-up compiles them all)."""
+        history, without and with a token mask, and on the host's side every `SamplerVariant`
+        (warm-up compiles them all)."""
         base = cls.from_sequences([], rows, history_len)
         out = []
-        for length in (1, history_len):
-            history = dict(
+        for length, width in itertools.product((1, history_len), (1, mask_width(vocab_size))):
+            arrays = dict(
                 history=np.full((rows, length), -1, np.int32),
                 history_is_output=np.zeros((rows, length), np.bool_),
+                bitmask=np.full((rows, width), -1, np.int32),
             )
             if not decide_on_host:
-                out.append(dataclasses.replace(base, **history))
+                out.append(dataclasses.replace(base, **arrays))
                 continue
             for filtering in FILTERINGS:
                 variant = SamplerVariant(penalties=length > 1, filtering=filtering)
-                out.append(dataclasses.replace(base, **history, variant=variant))
+                out.append(dataclasses.replace(base, **arrays, variant=variant))
         return out
 
 

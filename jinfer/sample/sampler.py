@@ -13,6 +13,9 @@ A sampled row draws one uniform number from the request's own seed folded with i
 (so a seeded request draws the same tokens whatever else shares the batch) and inverts the
 cumulative distribution of the kept tokens. Greedy rows take the argmax.
 Logprobs are those of the model's raw distribution (vLLM's default), before any processing.
+A constrained row (structured output) has every token its grammar forbids set to -inf after
+penalties and biases, before temperature and the filters: a batch with such rows runs the
+program built for a full-width token mask, any other the one for a stub.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jinfer.runner import packing
 from jinfer.sample.metadata import CANDIDATES, SamplingBatch
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.sequence import Sequence
+from jinfer.structured.bitmask import MaskFiller, allocate, apply_bitmask
 
 
 @jax.tree_util.register_dataclass
@@ -209,6 +213,8 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     rows = jnp.arange(b)[:, None]
     bias_ids = jnp.where(s.bias_ids >= 0, s.bias_ids, v)
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
+    if s.bitmask.shape[1] > 1:  # some row is constrained (the host chose this program)
+        x = apply_bitmask(x, s.bitmask)
 
     greedy = argmax(x)
     sampled = _branch(
@@ -295,20 +301,40 @@ class Sampler:
         # Pick each batch's program on the host (accelerators: `SamplerVariant`), or let one
         # program branch on the device (CPU).
         self.decide_on_host = decide_on_host
+        self._masks: MaskFiller | None = None  # llguidance's threads, from the first constraint
 
     def sample(self, logits: jax.Array, seqs: list[Sequence]) -> PendingSamples:
         """Dispatches sampling for `seqs` (rows 0..len(seqs)-1 of `logits` [rows, V])."""
+        rows, vocab = logits.shape
         batch = SamplingBatch.from_sequences(
-            seqs, logits.shape[0], self.history_len, self.decide_on_host
+            seqs, rows, self.history_len, self.decide_on_host, self._bitmask(seqs, rows, vocab)
         )
         out, next_tokens = self._run(logits, batch)
         return PendingSamples(out, next_tokens, len(seqs), bool(batch.want_logprobs))
 
+    def _bitmask(self, seqs: list[Sequence], rows: int, vocab: int) -> np.ndarray | None:
+        """[rows, W] allowed-token bits of the constrained rows (others all ones), filled by
+        their matchers; None when no row is constrained. A sequence that finished meanwhile
+        (its previous token stopped it) keeps all ones: its sample is dropped."""
+        constrained = [
+            (s.matcher, i)
+            for i, s in enumerate(seqs)
+            if s.matcher is not None and not s.is_finished
+        ]
+        if not constrained:
+            return None
+        if self._masks is None:
+            self._masks = MaskFiller()
+        bitmask = allocate(rows, vocab)
+        self._masks.fill(bitmask, constrained)
+        return bitmask
+
     def warmup(self, logits: jax.Array) -> jax.Array:
         """Compiles the sampler's programs for logits of this shape [rows, V]; returns a
         `next_tokens` array like every later step's (for a step that reads none)."""
-        rows = logits.shape[0]
-        for batch in SamplingBatch.warmup_variants(rows, self.history_len, self.decide_on_host):
+        rows, vocab = logits.shape
+        variants = SamplingBatch.warmup_variants(rows, self.history_len, vocab, self.decide_on_host)
+        for batch in variants:
             _, next_tokens = jax.block_until_ready(self._run(logits, batch))
         return next_tokens
 
@@ -316,10 +342,11 @@ class Sampler:
         """The sampler's programs for [rows, vocab] logits, lowered for `lowering_platform`."""
         logits = jax.ShapeDtypeStruct((rows, vocab), jnp.float32)
         out = {}
-        for batch in SamplingBatch.warmup_variants(rows, self.history_len, self.decide_on_host):
+        variants = SamplingBatch.warmup_variants(rows, self.history_len, vocab, self.decide_on_host)
+        for batch in variants:
             layout, ibuf, fbuf = packing.pack(batch)
             v = batch.variant
-            name = f"sampler (history {batch.history.shape[1]}" + (
+            name = f"sampler (history {batch.history.shape[1]}, mask {batch.bitmask.shape[1]}" + (
                 f", {v.filtering})" if v is not None else ")"
             )
             on = dict(lowering_platforms=(lowering_platform,))

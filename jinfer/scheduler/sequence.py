@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from jinfer.sampling_params import SamplingParams
 
@@ -54,6 +55,15 @@ class Sequence:
     num_indexed_pages: int = 0
     num_cached_tokens: int | None = None
     num_placeholders: int = 0  # trailing output tokens still on the device (PLACEHOLDER)
+    # Structured output: the request's own llguidance matcher (None: unconstrained). It has
+    # consumed every known output token; the sampler masks the next one by it.
+    matcher: Any = None
+
+    @property
+    def needs_known_tokens(self) -> bool:
+        """Its next sample reads all its tokens on the host (penalties' history, the grammar's
+        state): it cannot be sampled while a token of it is still on the device."""
+        return self.matcher is not None or self.params.uses_penalties
 
     @property
     def num_prompt_tokens(self) -> int:
