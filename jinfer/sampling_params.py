@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jinfer.structured.params import StructuredOutputsParams
 
 MAX_N = 128  # completions per request (OpenAI's limit)
 MAX_LOGPROBS = 20  # top-N logprobs per token, like OpenAI's limit
@@ -66,6 +70,8 @@ class SamplingParams:
     the batch. `logprobs=N` returns the top-N logprobs (plus the sampled token's) per token.
     `cache_salt` keeps the request's KV pages apart in the prefix cache: only requests with the
     same salt (or all without one) share cached pages, so tenants cannot time each other's hits.
+    `structured_outputs` constrains the output to a JSON schema, a regex, a choice or a grammar
+    (`jinfer.structured.StructuredOutputsParams`, or a dict of its fields).
     """
 
     n: int = 1
@@ -87,8 +93,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     cache_salt: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = _structured(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -206,6 +214,27 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+def _structured(value: Any) -> StructuredOutputsParams | None:
+    from jinfer.structured.params import StructuredOutputsParams  # it imports ParamError
+
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if not isinstance(value, dict):
+        raise ParamError(
+            "structured_outputs",
+            f"structured_outputs must be a StructuredOutputsParams or a dict, got {_show(value)}",
+        )
+    fields = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ParamError(
+            "structured_outputs",
+            f"structured_outputs: unknown field {_show(unknown[0])} "
+            f"(fields: {', '.join(sorted(fields))})",
+        )
+    return StructuredOutputsParams(**value)
 
 
 def _token_map(bias: dict | None) -> dict[int, float]:

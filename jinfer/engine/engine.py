@@ -28,6 +28,7 @@ from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
+from jinfer.structured.grammar import CompiledGrammar, GrammarCompiler
 from jinfer.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
         self._arrivals = 0
         self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
+        self.grammars = GrammarCompiler(tokenizer)  # structured output's constraints
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -92,12 +94,16 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
-        """Queues a request; raises ValueError for an input it cannot serve."""
+        """Queues a request; raises ValueError for an input it cannot serve. `grammar`: its
+        constraint, compiled already by `validate_params` (else it is compiled here)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.validate_prompt(prompt_token_ids)
-        self.validate_params(params)
+        self._check_token_ids(params)
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.grammars.compile(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
@@ -109,6 +115,7 @@ class Engine:
                 arrival=self._arrivals,
                 eos_token_ids=() if params.ignore_eos else self._eos,
                 parent_id=request_id,
+                matcher=None if grammar is None else grammar.matcher(),  # one per completion
             )
             self._arrivals += 1
             seqs.append(seq)
@@ -132,8 +139,17 @@ class Engine:
             )
         return ids
 
-    def validate_params(self, params: SamplingParams) -> None:
-        """ParamError if `params` names a token id this model does not have."""
+    def validate_params(self, params: SamplingParams) -> CompiledGrammar | None:
+        """ParamError if `params` names a token id this model does not have, or its
+        structured-output constraint does not compile (GrammarError); the compiled constraint,
+        for `add_request`. Compiling takes ~1 ms for a small schema and up to the compiler's
+        timeout: call this off the engine's thread (the server does)."""
+        self._check_token_ids(params)
+        if params.structured_outputs is None:
+            return None
+        return self.grammars.compile(params.structured_outputs)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.cfg.vocab_size
         named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias))
         for name, ids in named:
@@ -169,30 +185,31 @@ class Engine:
         # Async scheduling: plan and dispatch this step while the previous one runs, then read
         # the previous one's tokens (the device computes on meanwhile) and check its stops.
         # Each sampled token is a placeholder until it lands (sequence.py); a request that
-        # stops meanwhile computed one token too many, which nobody sees. Penalties read every
-        # output token on the host: a step with them waits for the one before it.
+        # stops meanwhile computed one token too many, which nobody sees. A step that samples
+        # for a request whose sampling reads its tokens on the host (a grammar's mask,
+        # penalties) lands the previous step between its forward pass and its sampling: the
+        # host's work overlaps the forward pass, and the sampler sees every token.
         outputs = []
-        if self._in_flight is not None and self._needs_tokens_on_host():
-            outputs += self._land(finished_only)
         plan = self.scheduler.schedule()
         self.stats.record_plan(plan, self.config.enable_prefix_caching)
         previous, self._in_flight = self._in_flight, None
         if not plan.is_empty:
             self.output.mark_scheduled(plan)
-            prev_step = None if previous is None else previous[1]
-            dispatched = self.runner.dispatch(plan, prev_step)
+            forward = self.runner.forward(plan, None if previous is None else previous[1])
             self.scheduler.on_dispatched(plan)
+            if previous is not None and any(s.needs_known_tokens for s in forward.seqs):
+                outputs += self._land(finished_only, previous)
+                previous = None
+            dispatched = self.runner.sample(forward)
             for seq in dispatched.seqs:
-                seq.add_placeholder()
+                if not seq.is_finished:  # (landing the previous step may have stopped it)
+                    seq.add_placeholder()
             self._in_flight = (plan, dispatched)
         if previous is not None:
             outputs += self._land(finished_only, previous)
         if not self.config.async_scheduling and self._in_flight is not None:
             outputs += self._land(finished_only)
         return outputs
-
-    def _needs_tokens_on_host(self) -> bool:
-        return any(s.params.uses_penalties for s in self.scheduler.running)
 
     def _land(
         self, finished_only: bool, step: tuple[StepPlan, DispatchedStep] | None = None
@@ -218,6 +235,7 @@ class Engine:
 
     def warmup(self) -> float:
         """Compiles every program a step may run (the runner's buckets); seconds taken."""
+        self.grammars.prepare()  # the vocabulary for constraints, on a worker meanwhile
         self.warmup_time = self.runner.warmup()
         return self.warmup_time
 

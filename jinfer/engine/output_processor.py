@@ -11,6 +11,7 @@ one, never rebuilding the rest).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from jinfer.engine.detokenizer import IncrementalDetokenizer
@@ -20,6 +21,8 @@ from jinfer.runner.model_runner import StepResult
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence
 from jinfer.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -120,6 +123,15 @@ class OutputProcessor:
             state = next(s for s in req.states if s.seq is seq)
             token = int(result.tokens[row])
             seq.fill_placeholder(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                # The mask allows only what the matcher accepts: this is a bug, not an input.
+                log.error(
+                    "request %s: its grammar refused token %d (%s); ending it",
+                    seq.request_id, token, seq.matcher.get_error(),
+                )  # fmt: skip
+                done.append((seq, "abort"))
+                touched[req.request_id] = req
+                continue
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             self.stats.num_generated_tokens += 1
@@ -151,6 +163,9 @@ class OutputProcessor:
             return "stop"
         state.text += state.detok.add(token)
         if past_min and p.stop and self._find_stop(state) is not None:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            state.text += state.detok.flush()
             return "stop"
         if (p.max_tokens is not None and num_output >= p.max_tokens) or (
             num_tokens >= self.max_model_len

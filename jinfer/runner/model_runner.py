@@ -71,6 +71,16 @@ class DispatchedStep:
         )  # fmt: skip
 
 
+@dataclasses.dataclass
+class ForwardStep:
+    """A step whose forward pass is dispatched and whose sampling is not yet."""
+
+    seqs: list[Sequence]  # the sequences it samples for, in logits-row order
+    logits: jax.Array  # [rows, V] float32, on the device
+    bucket: int
+    host_time: float  # seconds the host took to build and dispatch the forward pass
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -219,10 +229,23 @@ class ModelRunner:
     def dispatch(self, plan: StepPlan, prev: DispatchedStep | None = None) -> DispatchedStep:
         """Builds `plan`'s inputs and sets the device running it; returns at once. `prev`: the
         step still in flight, whose sampled tokens this one may compute (async scheduling)."""
+        return self.sample(self.forward(plan, prev))
+
+    def forward(self, plan: StepPlan, prev: DispatchedStep | None = None) -> ForwardStep:
+        """Dispatches `plan`'s forward pass (returns at once); `sample` then dispatches its
+        sampling. In between the host may land `prev`: a sampler input built from tokens on
+        the host (a grammar's mask, the penalties' history) is built while the device runs."""
         t0 = time.perf_counter()
         inputs, sampled = self.prepare(plan, prev)
-        samples = self.sampler.sample(self._forward(inputs, self._prev_tokens(prev)), sampled)
-        return DispatchedStep(sampled, samples, len(inputs[0]), time.perf_counter() - t0)
+        logits = self._forward(inputs, self._prev_tokens(prev))
+        return ForwardStep(sampled, logits, len(inputs[0]), time.perf_counter() - t0)
+
+    def sample(self, step: ForwardStep) -> DispatchedStep:
+        """Dispatches the sampling of a dispatched forward pass; returns at once."""
+        t0 = time.perf_counter()
+        samples = self.sampler.sample(step.logits, step.seqs)
+        host_time = step.host_time + time.perf_counter() - t0
+        return DispatchedStep(step.seqs, samples, step.bucket, host_time)
 
     def _prev_tokens(self, prev: DispatchedStep | None) -> jax.Array:  # [R] int32
         """The tokens a step may read from the step before it: that step's, or, for a step

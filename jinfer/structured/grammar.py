@@ -115,6 +115,11 @@ class GrammarCompiler:
                 self._lltokenizer = llguidance_tokenizer(self.tokenizer)
             return self._lltokenizer
 
+    def prepare(self) -> concurrent.futures.Future:
+        """Starts building the vocabulary on a worker (engine start), so that the first
+        constrained request pays only for its own grammar."""
+        return self._pool.submit(lambda: self.lltokenizer)
+
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         key = params.cache_key
         with self._lock:

@@ -1,0 +1,161 @@
+"""Structured output through the engine: every constrained request's text is what its
+constraint accepts, with any sampling setting, batch mix, preemption or step loop, and never a
+compile after warm-up; free requests beside it are untouched; bad constraints cost nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from jinfer import SamplingParams
+from jinfer.sampling_params import ParamError
+from jinfer.structured.params import StructuredOutputsParams as SO
+
+# Bounded in every field, so that even a random-weight model reaches the end in few tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "admin": {"type": "boolean"},
+        "role": {"enum": ["dev", "ops", "pm"]},
+    },
+    "required": ["name", "age", "admin", "role"],
+    "additionalProperties": False,
+}
+JSON = SO(json=SCHEMA, disable_any_whitespace=True)
+PROMPTS = ["The user record:", "Here is some JSON", "def f(x):", "Once upon a time"]
+
+
+def _follows_schema(text: str) -> None:
+    obj = json.loads(text)
+    assert set(obj) == set(SCHEMA["required"]), text
+    assert isinstance(obj["name"], str) and len(obj["name"]) <= 6
+    assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
+    assert isinstance(obj["admin"], bool) and obj["role"] in ("dev", "ops", "pm")
+
+
+@pytest.fixture(scope="module")
+def llm(make_tiny_llm):
+    return make_tiny_llm()
+
+
+def _params(**kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 120)
+    kw.setdefault("temperature", 0)
+    return SamplingParams(**kw)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(temperature=1.0, seed=7),
+        dict(temperature=0.9, top_k=20, top_p=0.9, seed=1),
+        dict(temperature=1.0, min_p=0.1, repetition_penalty=1.3, seed=2),
+        dict(n=3, temperature=1.0, seed=5, logprobs=2),
+    ],
+    ids=["greedy", "sampled", "top-k-top-p", "min-p-penalties", "n3-logprobs"],
+)
+def test_json_schema_output_follows_the_schema_with_any_sampling(llm, settings):
+    c0 = llm.engine.num_compiles
+    outs = llm.generate(PROMPTS, _params(structured_outputs=JSON, **settings), use_tqdm=False)
+    for out in outs:
+        for o in out.outputs:
+            assert o.finish_reason == "stop", o.text
+            _follows_schema(o.text)
+            if o.logprobs is not None:  # the model's own distribution: finite
+                assert all(-1e9 < lp.logprob <= 0 for entry in o.logprobs for lp in entry.values())
+    assert llm.engine.num_compiles == c0
+
+
+def test_regex_and_choice_outputs_match(llm):
+    regex = SO(regex=r"[a-z]{2,5}-\d{2}")
+    choice = SO(choice=("alpha", "beta", "gamma delta"))
+    for so, ok in [(regex, lambda t: re.fullmatch(r"[a-z]{2,5}-\d{2}", t)), (choice, None)]:
+        for out in llm.generate(PROMPTS, _params(structured_outputs=so), use_tqdm=False):
+            text = out.outputs[0].text
+            assert ok(text) if ok else text in so.choice, text
+            assert out.outputs[0].finish_reason == "stop"
+
+
+def test_a_lark_grammar_constrains_the_output(llm):
+    grammar = 'start: "x=" NUM (";" "x=" NUM)*\nNUM: /[0-9]{1,3}/'
+    out = llm.generate(PROMPTS[0], _params(max_tokens=12, structured_outputs=SO(grammar=grammar)))
+    o = out[0].outputs[0]
+    # Cut by max_tokens or complete, what was written is a prefix the grammar allows.
+    assert re.fullmatch(r"x=\d{1,3}(;x=\d{1,3})*(;(x(=\d{0,3})?)?)?", o.text), o.text
+
+
+def test_free_requests_beside_constrained_ones_are_unchanged(llm):
+    free = _params(max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPTS, free, use_tqdm=False)
+    mixed = llm.generate(
+        PROMPTS + PROMPTS, [free] * 4 + [_params(structured_outputs=JSON)] * 4, use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in mixed[:4]] == [o.outputs[0].token_ids for o in alone]
+    for out in mixed[4:]:
+        _follows_schema(out.outputs[0].text)
+
+
+def test_constrained_tokens_are_the_same_with_and_without_async_scheduling(make_tiny_llm, llm):
+    sync = make_tiny_llm(async_scheduling=False)
+    settings = [_params(structured_outputs=JSON), _params(temperature=1.0, seed=3)]
+    settings += [_params(structured_outputs=JSON, temperature=1.0, seed=4)]
+    settings += [_params(repetition_penalty=1.5, max_tokens=20, ignore_eos=True)]
+    a = llm.generate(PROMPTS, settings, use_tqdm=False)
+    b = sync.generate(PROMPTS, settings, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+def test_a_request_cut_by_max_tokens_says_length(llm):
+    out = llm.generate(PROMPTS[0], _params(max_tokens=3, structured_outputs=JSON))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+    assert out.text.startswith("{")
+
+
+def test_the_grammar_ends_the_request_even_with_ignore_eos_and_min_tokens(llm):
+    so = SO(choice=("yes", "no"))
+    for extra in (dict(ignore_eos=True), dict(min_tokens=10)):
+        out = llm.generate(PROMPTS[0], _params(structured_outputs=so, **extra))[0].outputs[0]
+        assert out.text in ("yes", "no") and out.finish_reason == "stop", (extra, out)
+
+
+def test_preempted_constrained_requests_still_follow_the_schema(make_tiny_llm):
+    # 12 usable pages of 16 tokens for 8 requests: they preempt each other as they grow.
+    llm = make_tiny_llm(num_pages=13, max_num_seqs=8, max_model_len=192)
+    prompts = [p + " " + "word " * 20 for p in PROMPTS] * 2
+    outs = llm.generate(prompts, _params(structured_outputs=JSON), use_tqdm=False)
+    assert llm.engine.stats.num_preemptions > 0
+    for out in outs:
+        _follows_schema(out.outputs[0].text)
+
+
+@pytest.mark.parametrize(
+    "so, message",
+    [
+        (SO(json={"type": "object", "properties": {"a": {"type": "nosuchtype"}}}), "json"),
+        (SO(regex="(unclosed"), "regex"),
+        (SO(grammar="start: undefined_rule"), "grammar"),
+    ],
+)
+def test_a_bad_constraint_is_a_param_error_and_costs_nothing(llm, so, message):
+    with pytest.raises(ParamError, match=message) as e:
+        llm.generate(PROMPTS, _params(structured_outputs=so), use_tqdm=False)
+    assert e.value.param == "structured_outputs"
+    assert not llm.engine.requests and llm.engine.num_waiting() == 0  # nothing was queued
+    out = llm.generate(PROMPTS[0], _params(structured_outputs=JSON))[0].outputs[0]
+    _follows_schema(out.text)
+
+
+def test_structured_outputs_may_be_given_as_a_dict_and_bad_fields_are_named():
+    p = SamplingParams(structured_outputs={"regex": "a+"})
+    assert p.structured_outputs == SO(regex="a+")
+    with pytest.raises(ParamError, match="unknown field 'jsn'"):
+        SamplingParams(structured_outputs={"jsn": {}})
+    with pytest.raises(ParamError, match="exactly one"):
+        SamplingParams(structured_outputs={"regex": "a", "choice": ["b"]})
+    with pytest.raises(ParamError, match="StructuredOutputsParams or a dict"):
+        SamplingParams(structured_outputs="json")
