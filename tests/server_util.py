@@ -9,7 +9,11 @@ and every expected text can be computed by hand with the tokenizer.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -54,6 +58,13 @@ class EchoRunner:
         logprobs = np.full(len(seqs), -0.5, np.float32)
         result = StepResult(seqs, tokens, logprobs, top_ids, top_lps, 0.0, self.step_delay)
         return EchoStep(seqs, result, self.step_delay)
+
+    def forward(self, plan: StepPlan, prev: Any = None) -> EchoStep:
+        """The runner's two-part dispatch: the echo step is whole at once."""
+        return self.dispatch(plan, prev)
+
+    def sample(self, step: EchoStep) -> EchoStep:
+        return step
 
 
 class EchoStep:
@@ -159,3 +170,46 @@ def assert_idle(server) -> None:
     assert wait_until(lambda: not engine.has_unfinished_requests() and not engine.requests)
     assert engine.kv_cache_usage() == 0.0
     engine.check_invariants()
+
+
+# A real `python -m jinfer.serve` in a subprocess (the real-model server tests).
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str, timeout: float = 600) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "jinfer.serve", "--port", str(self.port), *args]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self.log: list[str] = []
+        threading.Thread(target=self._read_log, daemon=True).start()
+        ok = wait_until(lambda: self._health() == 200 or self.proc.poll() is not None, timeout, 0.2)
+        if not ok or self.proc.poll() is not None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log[-40:]))
+
+    def _read_log(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def _health(self) -> int | None:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code
+        except httpx.TransportError:
+            return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise

@@ -6,11 +6,6 @@ tiny random checkpoint so that the process starts in seconds.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,54 +13,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_util import wait_until
+from server_util import ServerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
 REFERENCE = Path(__file__).parent / "fixtures" / "hf_reference_smollm2-135m-instruct.json"
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, *args: str, timeout: float = 600) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "jinfer.serve", "--port", str(self.port), *args]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        self.log: list[str] = []
-        threading.Thread(target=self._read_log, daemon=True).start()
-        ok = wait_until(lambda: self._health() == 200 or self.proc.poll() is not None, timeout, 0.2)
-        if not ok or self.proc.poll() is not None:
-            self.proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log[-40:]))
-
-    def _read_log(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-
-    def _health(self) -> int | None:
-        try:
-            return httpx.get(self.url + "/health", timeout=2).status_code
-        except httpx.TransportError:
-            return None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
 
 
 @pytest.fixture(scope="module")

@@ -157,5 +157,5 @@ def test_structured_outputs_may_be_given_as_a_dict_and_bad_fields_are_named():
         SamplingParams(structured_outputs={"jsn": {}})
     with pytest.raises(ParamError, match="exactly one"):
         SamplingParams(structured_outputs={"regex": "a", "choice": ["b"]})
-    with pytest.raises(ParamError, match="StructuredOutputsParams or a dict"):
+    with pytest.raises(ParamError, match="StructuredOutputsParams or an object"):
         SamplingParams(structured_outputs="json")
