@@ -10,12 +10,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from jinfer.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+]
 __version__ = "0.1.0"
 
 

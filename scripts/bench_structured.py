@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.loader.named_models import resolve_model
+from jinfer.sampling_params import StructuredOutputsParams as SO
 from jinfer.structured import bitmask
 from jinfer.structured.grammar import GrammarCompiler
-from jinfer.structured.params import StructuredOutputsParams as SO
 from jinfer.tokenizer.tokenizer import load_tokenizer
 
 SCHEMA = {

@@ -46,8 +46,20 @@ BAD_COMPLETIONS = [
     (b'{"prompt": "x", "logit_bias": {"999999": 1}}', 400, "logit_bias"),
     (b'{"prompt": "x", "logprobs": 21}', 422, "logprobs"),
     (b'{"prompt": "x", "suffix": "y"}', 400, "suffix"),
-    (b'{"prompt": "x", "response_format": {"type": "json_object"}}', 400, "response_format is not"),
-    (b'{"prompt": "x", "guided_json": {"type": "object"}}', 400, "guided_json is not supported"),
+    (b'{"prompt": "x", "response_format": {"type": "xml"}}', 422, "response_format"),
+    (b'{"prompt": "x", "response_format": {"type": "json_schema"}}', 400, "needs a json_schema"),
+    (b'{"prompt": "x", "guided_json": {"type": "nosuch"}}', 400, "json constraint is invalid"),
+    (b'{"prompt": "x", "guided_regex": "(a"}', 400, "regex constraint"),
+    (b'{"prompt": "x", "structured_outputs": {"jsn": {}}}', 400, "unknown field 'jsn'"),
+    (b'{"prompt": "x", "structured_outputs": {}}', 400, "exactly one of"),
+    (b'{"prompt": "x", "structured_outputs": {"choice": []}}', 400, "choice must be"),
+    (b'{"prompt": "x", "structured_outputs": {"grammar": "start: nope"}}', 400, "grammar"),
+    (
+        b'{"prompt": "x", "guided_choice": ["a"], "response_format": {"type": "json_object"}}',
+        400,
+        "in one way; got response_format and guided_*",
+    ),
+    (b'{"prompt": "x", "guided_whitespace_pattern": " "}', 400, "whitespace patterns"),
     (b'{"prompt": "x", "use_beam_search": true}', 400, "beam search"),
     (b'{"prompt": "x", "prompt_logprobs": 1}', 400, "prompt_logprobs is not supported"),
 ]
@@ -82,10 +94,16 @@ def test_bad_completion_request_gets_openai_error_and_server_goes_on(
         (
             {
                 "messages": [{"role": "user", "content": "x"}],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "a"}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "a",
+                        "schema": {"type": "object", "minProperties": "x"},
+                    },
+                },
             },
             400,
-            "response_format is not supported",
+            "json constraint",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -267,3 +285,20 @@ def test_a_dying_engine_ends_the_server_with_exit_status_1_unless_told_to_stay(
         assert stopped == exit_on_engine_error
         if not exit_on_engine_error:
             assert httpx.get(s.url + "/health").status_code == 503  # up, saying what happened
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+         "response_format"),
+        ({"structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+        ({"guided_json": {"type": "nosuch"}}, "guided_json"),
+        ({"guided_grammar": "start: nope"}, "guided_grammar"),
+    ],
+)  # fmt: skip
+def test_a_constraint_that_does_not_compile_names_the_field_it_came_in(server, extra, param):
+    body = {"messages": [{"role": "user", "content": "x"}], **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -12,9 +12,9 @@ import pytest
 from llguidance.numpy import apply_token_bitmask_inplace
 
 from jinfer.sampling_params import ParamError
+from jinfer.sampling_params import StructuredOutputsParams as SO
 from jinfer.structured import bitmask
 from jinfer.structured.grammar import GrammarCompiler, GrammarError
-from jinfer.structured.params import StructuredOutputsParams as SO
 
 SCHEMA = {
     "type": "object",

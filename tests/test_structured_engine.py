@@ -11,7 +11,7 @@ import pytest
 
 from jinfer import SamplingParams
 from jinfer.sampling_params import ParamError
-from jinfer.structured.params import StructuredOutputsParams as SO
+from jinfer.sampling_params import StructuredOutputsParams as SO
 
 # Bounded in every field, so that even a random-weight model reaches the end in few tokens.
 SCHEMA = {
@@ -159,3 +159,20 @@ def test_structured_outputs_may_be_given_as_a_dict_and_bad_fields_are_named():
         SamplingParams(structured_outputs={"regex": "a", "choice": ["b"]})
     with pytest.raises(ParamError, match="StructuredOutputsParams or an object"):
         SamplingParams(structured_outputs="json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_models_answer_in_the_schema(model):
+    from jinfer import LLM
+
+    llm = LLM(model, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64)
+    ask = "Describe a user named Ann, aged 31, who is an admin and works in ops, as JSON."
+    conversations = [[{"role": "user", "content": ask}]] * 3
+    loose = SO(json=SCHEMA)  # with whitespace allowed, as a client would ask
+    settings = [_params(max_tokens=200, structured_outputs=so) for so in (JSON, loose)]
+    settings.append(_params(max_tokens=200, temperature=0.8, seed=1, structured_outputs=loose))
+    for out in llm.chat(conversations, settings, use_tqdm=False):
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", o.text
+        _follows_schema(o.text)

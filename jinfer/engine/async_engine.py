@@ -140,12 +140,14 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        grammar: Any = None,
     ) -> RequestStream:
-        """Queues a validated request (call on the event loop). Raises if it cannot be taken."""
+        """Queues a validated request (call on the event loop). Raises if it cannot be taken.
+        `grammar`: its constraint, compiled by `engine.validate_params`."""
         self.check_admission(1)
         stream = RequestStream(request_id, self._loop)
         self._pending[request_id] = _Pending(stream, prompt_token_ids, params.n)
-        self._send(("add", (request_id, prompt_token_ids, params, prompt)))
+        self._send(("add", (request_id, prompt_token_ids, params, prompt, grammar)))
         return stream
 
     def check_admission(self, num_requests: int) -> None:
@@ -217,9 +219,9 @@ class AsyncEngine:
                 self.engine.abort(payload.request_id)
                 self._report(payload)
                 continue
-            request_id, ids, params, prompt = payload
+            request_id, ids, params, prompt, grammar = payload
             try:
-                self.engine.add_request(request_id, ids, params, prompt=prompt)
+                self.engine.add_request(request_id, ids, params, prompt=prompt, grammar=grammar)
             except ValueError as e:  # validated already; reaching here is a bug, not a crash
                 self._loop.call_soon_threadsafe(self._fail, request_id, e)
 

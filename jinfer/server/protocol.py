@@ -17,7 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jinfer.outputs import CompletionOutput, Logprob
-from jinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from jinfer.sampling_params import (
+    MAX_LOGPROBS,
+    ParamError,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 
 def random_id(prefix: str) -> str:
@@ -32,10 +37,6 @@ def _absent(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {}
 
 
-def _text_format(value: Any) -> bool:
-    return _absent(value) or (isinstance(value, dict) and value.get("type") == "text")
-
-
 def _no_tool_choice(value: Any) -> bool:
     return _absent(value) or value == "none"
 
@@ -43,12 +44,7 @@ def _no_tool_choice(value: Any) -> bool:
 # Fields of OpenAI's and vLLM's APIs that change what is generated, and jinfer does not implement:
 # field -> (the values that ask for nothing, what the field would need). Anything else is a 400.
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "response_format": (_text_format, "structured (JSON / JSON-schema) output"),
-    "structured_outputs": (_absent, "structured output"),
-    "guided_json": (_absent, "structured output"),
-    "guided_regex": (_absent, "structured output"),
-    "guided_choice": (_absent, "structured output"),
-    "guided_grammar": (_absent, "structured output"),
+    "guided_whitespace_pattern": (_absent, "whitespace patterns (see disable_any_whitespace)"),
     "tools": (_absent, "tool calling"),
     "tool_choice": (_no_tool_choice, "tool calling"),
     "functions": (_absent, "tool calling"),
@@ -67,6 +63,31 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prediction": (_absent, "predicted outputs"),
     "return_tokens_as_token_ids": (_absent, "tokens as token ids"),
     "spaces_between_special_tokens": (lambda v: v is None or v is True, "that detokenization"),
+}
+
+
+class JsonSchema(BaseModel):
+    """`response_format.json_schema` (OpenAI): the schema, and names the output ignores."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # a constraint here is always enforced
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+# vLLM's older names for the fields of `structured_outputs`.
+GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
 }
 
 
@@ -105,6 +126,51 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs, and the guided_*
+    # fields before it (at most one of the three ways)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # one backend here (llguidance): ignored
+
+    def structured_field(self) -> str:
+        """The body's field that asks for structured output (where its errors point)."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        guided = [name for name in GUIDED if getattr(self, name) is not None]
+        return guided[0] if guided and self.structured_outputs is None else "structured_outputs"
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The constraint the body asks for, from whichever field; ParamError (naming
+        structured_outputs: `structured_field` says which field that was) if it asks twice or
+        wrongly."""
+        ways = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            ways.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise ParamError(
+                    "structured_outputs", "response_format: json_schema needs a json_schema object"
+                )
+            schema = fmt.json_schema.schema_
+            ways.append(("response_format", {"json": schema if schema is not None else {}}))
+        if self.structured_outputs is not None:
+            ways.append(("structured_outputs", dict(self.structured_outputs)))
+        guided = {GUIDED[k]: getattr(self, k) for k in GUIDED if getattr(self, k) is not None}
+        if guided:
+            ways.append(("guided_*", guided))
+        if not ways:
+            return None
+        if len(ways) > 1:
+            raise ParamError(
+                "structured_outputs",
+                f"ask for structured output in one way; got {' and '.join(w for w, _ in ways)}",
+            )
+        return StructuredOutputsParams.from_dict(ways[0][1])
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (from SamplingParams) for out-of-range values."""
@@ -128,6 +194,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias,
             cache_salt=self.cache_salt,
+            structured_outputs=self.structured(),
         )
 
     @property

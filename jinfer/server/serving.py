@@ -31,6 +31,7 @@ from jinfer.outputs import CompletionOutput, RequestOutput
 from jinfer.sampling_params import ParamError, SamplingParams
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
+from jinfer.structured.grammar import CompiledGrammar
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ class Generation:
         prompts: list[tuple[list[int], str | None]],
         params: SamplingParams,
         body: P.CompletionRequest | P.ChatCompletionRequest,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
         self.prompts = prompts
         self.params = params
         self.body = body
+        self.grammar = grammar  # its structured-output constraint, compiled
         self.request_id = P.random_id("cmpl" if kind == "completion" else "chatcmpl")
         self.n = params.n
         self.num_logprobs = params.logprobs
@@ -179,15 +182,18 @@ class Serving:
 
     def _sampling_params(
         self, body: Any, max_tokens: int | None, logprobs: int | None, names: dict[str, str]
-    ) -> Any:
-        """The body's SamplingParams; a 400 naming the field for a value out of range (`names`:
-        the body's name of a SamplingParams field, where the two differ)."""
+    ) -> tuple[SamplingParams, CompiledGrammar | None]:
+        """The body's SamplingParams and its compiled constraint (compiling here: off the
+        event loop and the engine's thread); a 400 naming the field for a value out of range
+        or a constraint that does not compile (`names`: the body's name of a SamplingParams
+        field, where the two differ)."""
+        names = {"structured_outputs": body.structured_field(), **names}
         try:
             params = body.sampling_params(max_tokens, logprobs)
-            self.engine.engine.validate_params(params)
+            grammar = self.engine.engine.validate_params(params)
         except ParamError as e:
             raise bad_request(str(e), names.get(e.param, e.param)) from None
-        return params
+        return params, grammar
 
     def chat_prompt_ids(
         self, messages: list[P.ChatMessage], add_generation_prompt: bool
@@ -222,8 +228,8 @@ class Serving:
         ]
         longest = max(len(ids) for ids, _ in prompts)
         max_tokens = resolve_max_tokens(body.max_tokens, longest, self.max_model_len)
-        params = self._sampling_params(body, max_tokens, body.logprobs, {})
-        return Generation("completion", self.model_name, prompts, params, body)
+        params, grammar = self._sampling_params(body, max_tokens, body.logprobs, {})
+        return Generation("completion", self.model_name, prompts, params, body, grammar)
 
     def chat(self, body: P.ChatCompletionRequest) -> Generation:
         _refuse_unsupported(body)
@@ -240,15 +246,17 @@ class Serving:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         tokens = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         names = {"logprobs": "top_logprobs", "max_tokens": tokens}
-        params = self._sampling_params(body, max_tokens, logprobs, names)
-        return Generation("chat", self.model_name, [(ids, None)], params, body)
+        params, grammar = self._sampling_params(body, max_tokens, logprobs, names)
+        return Generation("chat", self.model_name, [(ids, None)], params, body, grammar)
 
     # ------------------------------------------------------------- submission
     def _submit(self, gen: Generation) -> list[Any]:
         try:
             self.engine.check_admission(len(gen.prompts))
             return [
-                self.engine.submit(f"{gen.request_id}-{i}", ids, gen.params, prompt=text)
+                self.engine.submit(
+                    f"{gen.request_id}-{i}", ids, gen.params, prompt=text, grammar=gen.grammar
+                )
                 for i, (ids, text) in enumerate(gen.prompts)
             ]
         except QueueFullError as e:

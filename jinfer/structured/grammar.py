@@ -15,8 +15,7 @@ from typing import Any
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
 
-from jinfer.sampling_params import ParamError
-from jinfer.structured.params import StructuredOutputsParams
+from jinfer.sampling_params import ParamError, StructuredOutputsParams
 from jinfer.tokenizer.bpe import BPEBackend
 from jinfer.tokenizer.tokenizer import Tokenizer
 
@@ -155,10 +154,18 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# Whitespace JSON may hold between its tokens, unless disable_any_whitespace: any layout a
+# pretty-printer writes (one line break per gap, indentation to 48 columns), but bounded, for
+# small models that would otherwise pad an object with blank lines until max_tokens.
+JSON_WHITESPACE = r"[ \t]{0,4}(\r?\n[ \t]{0,48})?"
+
+
 def grammar_text(params: StructuredOutputsParams) -> str:
     """llguidance's grammar for `params`."""
     kind = params.kind
     options: dict[str, Any] = {"whitespace_flexible": not params.disable_any_whitespace}
+    if not params.disable_any_whitespace:
+        options["whitespace_pattern"] = JSON_WHITESPACE
     try:
         if kind in ("json", "json_object"):
             schema = params.json if kind == "json" else {"type": "object"}
