@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jinfer import tool_parsers
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.engine.builder import build_engine
@@ -22,6 +23,7 @@ from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
+from jinfer.tool_parsers import prompt as tool_prompt
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class LLM:
         path = named_models.resolve_model(model)
         cfg, host_params = load_weights(path)
         self._setup(cfg, host_params, load_tokenizer(str(path)), config)
+        self.tool_format = tool_parsers.DEFAULT_PARSERS.get(model, "hermes")
         self.load_time = time.perf_counter() - t0 - self.warmup_time
         log.info(
             "loaded %s (%s) in %.1f s, warm-up %.1f s",
@@ -61,6 +64,7 @@ class LLM:
         """An LLM over weights already in memory (random-weight tests, research code)."""
         llm = cls.__new__(cls)
         llm._setup(cfg, params, tokenizer, EngineConfig(**options))
+        llm.tool_format = "hermes"
         llm.load_time = 0.0
         return llm
 
@@ -117,17 +121,27 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        tool_call_parser: str | None = None,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template to one conversation or a list of them."""
+        """Applies the model's chat template to one conversation or a list of them. `tools`
+        (OpenAI's shape) are listed in the prompt, and messages may hold assistant
+        `tool_calls` and `tool` results: by the template where it knows tools, else in the
+        `tool_call_parser` format (default: the named model's own, else hermes). Read the
+        calls from an output with `jinfer.tool_parsers.get(name).extract(text, tools)`."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        parser = tool_parsers.get(tool_call_parser or self.tool_format)
         prompts = []
         for conv in conversations:
+            conv, extra = tool_prompt.render(
+                [dict(m) for m in conv], tools, parser, self.tokenizer.chat_template
+            )
             ids = self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=True
+                conv, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
             )
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)

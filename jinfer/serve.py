@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from jinfer import tool_parsers
 from jinfer.config.cli import add_engine_args, check_engine_args, engine_options
 from jinfer.llm import LLM
 
@@ -54,6 +55,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="exit with status 1 when the engine loop dies, for a supervisor to restart the "
         "server (default on; off: stay up answering 503, for debugging)",
     )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(tool_parsers.TOOL_PARSERS),
+        default=None,
+        help="the format the model writes tool calls in (default: the named model's own: "
+        + ", ".join(f"{m} {f}" for m, f in tool_parsers.DEFAULT_PARSERS.items())
+        + "; else none, and tool_choice auto is refused)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='serve tool_choice "auto", parsing calls from what the model writes (default: on '
+        "when there is a tool call parser)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     check_engine_args(p, args)
@@ -75,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    parser = args.tool_call_parser or tool_parsers.DEFAULT_PARSERS.get(args.model)
+    auto = args.enable_auto_tool_choice
+    if auto and parser is None:
+        log.error("--enable-auto-tool-choice needs a --tool-call-parser for %s", args.model)
+        return 2
     config = ServerConfig(
         served_model_name=args.served_model_name or args.model,
         model_root=args.model,
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         exit_on_engine_error=args.exit_on_engine_error,
+        tool_call_parser=parser,
+        enable_auto_tool_choice=auto if auto is not None else parser is not None,
     )
     app = create_app(config, make_loader(args))
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

@@ -88,8 +88,13 @@ def test_bad_completion_request_gets_openai_error_and_server_goes_on(
         ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400, "max"),
         (
             {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            422,
+            "tools.0.function",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
             400,
-            "tools is not supported: jinfer does not implement tool calling",
+            "functions is not supported",
         ),
         (
             {
@@ -302,3 +307,32 @@ def test_a_constraint_that_does_not_compile_names_the_field_it_came_in(server, e
     r = httpx.post(server.url + "/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "tool_choice", "'nope', which is not in tools"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "unknown tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),  # this server has none
+        ({"tools": TOOLS * 2, "tool_choice": "required"}, "tools", "appears twice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "tool_choice", "cannot be combined"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}],
+          "tool_choice": "required"}, "tool_choice", "constraint"),
+    ],
+)  # fmt: skip
+def test_bad_tool_requests_are_400s_naming_the_field(server, client, extra, param, message):
+    body = {"messages": [{"role": "user", "content": "x"}], **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    messages = [{"role": "user", "content": "ok"}]
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).choices

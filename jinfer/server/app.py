@@ -48,6 +48,10 @@ class ServerConfig:
     # A dead engine loop ends the process (exit status 1) once its streams have ended, so that
     # a supervisor restarts it (vLLM's behaviour); off: it stays up, answering 503 (debugging).
     exit_on_engine_error: bool = True
+    # Tool calling: the format models' calls are read in (`jinfer.tool_parsers`; None: no
+    # "auto" tool choice), and whether "auto" is served (vLLM's --enable-auto-tool-choice).
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 class ServerState:
@@ -91,7 +95,13 @@ class ServerState:
         async_engine.start(self.loop)
         self.metrics.attach(engine)
         self.tokenizer = tokenizer
-        self.serving = Serving(async_engine, tokenizer, self.config.served_model_name)
+        self.serving = Serving(
+            async_engine,
+            tokenizer,
+            self.config.served_model_name,
+            tool_call_parser=self.config.tool_call_parser,
+            enable_auto_tool_choice=self.config.enable_auto_tool_choice,
+        )
         self.async_engine = async_engine
         log.info("ready: serving %s", self.config.served_model_name)
 
@@ -338,7 +348,8 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
                 return state.tokenizer.encode(
                     body.prompt, add_special_tokens=body.add_special_tokens
                 )
-            return serving.chat_prompt_ids(body.messages, body.add_generation_prompt)
+            tools = [t.model_dump() for t in body.tools] if body.tools else None
+            return serving.chat_prompt_ids(body.messages, body.add_generation_prompt, tools)
 
         ids = await asyncio.to_thread(encode)  # off the event loop
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}

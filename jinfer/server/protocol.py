@@ -45,10 +45,8 @@ def _no_tool_choice(value: Any) -> bool:
 # field -> (the values that ask for nothing, what the field would need). Anything else is a 400.
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "guided_whitespace_pattern": (_absent, "whitespace patterns (see disable_any_whitespace)"),
-    "tools": (_absent, "tool calling"),
-    "tool_choice": (_no_tool_choice, "tool calling"),
-    "functions": (_absent, "tool calling"),
-    "function_call": (_no_tool_choice, "tool calling"),
+    "functions": (_absent, "the deprecated functions field (use tools)"),
+    "function_call": (_no_tool_choice, "the deprecated function_call field (use tool_choice)"),
     "use_beam_search": (_absent, "beam search"),
     "prompt_logprobs": (_absent, "prompt logprobs"),
     "bad_words": (_absent, "bad-word bans (use logit_bias)"),
@@ -172,8 +170,23 @@ class _SamplingFields(BaseModel):
             )
         return StructuredOutputsParams.from_dict(ways[0][1])
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError (from SamplingParams) for out-of-range values."""
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        tool_constraint: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """Raises ValueError (from SamplingParams) for out-of-range values. `tool_constraint`:
+        the schema a required or named tool choice decodes under."""
+        structured = self.structured()
+        if tool_constraint is not None:
+            if structured is not None:
+                raise ParamError(
+                    "tool_choice",
+                    "a required or named tool_choice constrains the output itself: it cannot be "
+                    "combined with response_format or structured_outputs",
+                )
+            structured = tool_constraint
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -194,7 +207,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias,
             cache_salt=self.cache_salt,
-            structured_outputs=self.structured(),
+            structured_outputs=structured,
         )
 
     @property
@@ -224,12 +237,51 @@ class CompletionRequest(_SamplingFields):
         return [list(x) for x in p]
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # a constrained call always follows its parameters
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    """A call in an assistant message of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template reads it: role, text content, and its calls or the
+        call it answers."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
+        return m
 
     def text(self) -> str:
         """The content as text; list content may only hold text parts."""
@@ -250,6 +302,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -258,6 +313,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

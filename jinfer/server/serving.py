@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 
+from jinfer import tool_parsers
 from jinfer.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -28,10 +29,13 @@ from jinfer.engine.async_engine import (
     TooLargeError,
 )
 from jinfer.outputs import CompletionOutput, RequestOutput
-from jinfer.sampling_params import ParamError, SamplingParams
+from jinfer.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
+from jinfer.server.tool_calls import ToolCalling
 from jinfer.structured.grammar import CompiledGrammar
+from jinfer.tool_parsers import choice as tool_choice
+from jinfer.tool_parsers import prompt as tool_prompt
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class Generation:
         params: SamplingParams,
         body: P.CompletionRequest | P.ChatCompletionRequest,
         grammar: CompiledGrammar | None = None,
+        tools: ToolCalling | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
@@ -58,6 +63,7 @@ class Generation:
         self.params = params
         self.body = body
         self.grammar = grammar  # its structured-output constraint, compiled
+        self.tools = tools  # chat with tools: how calls are read from its choices
         self.request_id = P.random_id("cmpl" if kind == "completion" else "chatcmpl")
         self.n = params.n
         self.num_logprobs = params.logprobs
@@ -145,11 +151,23 @@ def _refuse_unsupported(body: P.CompletionRequest | P.ChatCompletionRequest) -> 
 class Serving:
     """Turns API bodies into engine requests and engine outputs into API responses."""
 
-    def __init__(self, async_engine: AsyncEngine, tokenizer: Any, model_name: str) -> None:
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        tokenizer: Any,
+        model_name: str,
+        tool_call_parser: str | None = None,
+        enable_auto_tool_choice: bool = False,
+    ) -> None:
         self.engine = async_engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = async_engine.engine.config.max_model_len
+        self.tool_call_parser = tool_call_parser  # None: "auto" tool choice is refused
+        # Prompts list tools in the parser's format (hermes' without one: required and named
+        # choices are constrained, so they parse whatever the format).
+        self.tool_format = tool_parsers.get(tool_call_parser or "hermes")
+        self.enable_auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Serving per server, bounded cache
     def token_text(self, token_id: int) -> str:
@@ -181,36 +199,69 @@ class Serving:
             raise bad_request(str(e), param) from None
 
     def _sampling_params(
-        self, body: Any, max_tokens: int | None, logprobs: int | None, names: dict[str, str]
+        self,
+        body: Any,
+        max_tokens: int | None,
+        logprobs: int | None,
+        names: dict[str, str],
+        tool_constraint: StructuredOutputsParams | None = None,
     ) -> tuple[SamplingParams, CompiledGrammar | None]:
         """The body's SamplingParams and its compiled constraint (compiling here: off the
         event loop and the engine's thread); a 400 naming the field for a value out of range
         or a constraint that does not compile (`names`: the body's name of a SamplingParams
         field, where the two differ)."""
-        names = {"structured_outputs": body.structured_field(), **names}
+        field = "tool_choice" if tool_constraint is not None else body.structured_field()
+        names = {"structured_outputs": field, **names}
         try:
-            params = body.sampling_params(max_tokens, logprobs)
+            params = body.sampling_params(max_tokens, logprobs, tool_constraint)
             grammar = self.engine.engine.validate_params(params)
         except ParamError as e:
             raise bad_request(str(e), names.get(e.param, e.param)) from None
         return params, grammar
 
     def chat_prompt_ids(
-        self, messages: list[P.ChatMessage], add_generation_prompt: bool
+        self,
+        messages: list[P.ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """The chat template applied to `messages`; a 400 for what the template rejects."""
+        """The chat template applied to `messages` (and `tools`, listed in the tool-call
+        format: `tool_parsers/prompt.py`); a 400 for what the template rejects."""
         try:
-            plain = [{"role": m.role, "content": m.text()} for m in messages]
+            plain = [m.as_dict() for m in messages]
         except ValueError as e:  # a content part that is not text
             raise bad_request(f"messages: {e}", "messages") from None
+        template = self.tokenizer.chat_template
+        plain, extra = tool_prompt.render(plain, tools, self.tool_format, template)
         self.check_length("".join(m["content"] for m in plain), "messages")
         try:
             ids = self.tokenizer.apply_chat_template(
-                plain, add_generation_prompt=add_generation_prompt, tokenize=True
+                plain, add_generation_prompt=add_generation_prompt, tokenize=True, **extra
             )
         except Exception as e:  # a template's raise_exception or a bad content part
             raise bad_request(f"messages: {e}", "messages") from None
         return list(ids)
+
+    def _tool_calling(self, body: P.ChatCompletionRequest) -> ToolCalling | None:
+        """The request's tools and tool_choice, checked; None when it has no tools."""
+        tools = [t.model_dump() for t in body.tools] if body.tools else None
+        try:
+            mode = tool_choice.resolve(body.tool_choice, tools)
+        except ParamError as e:
+            raise bad_request(str(e), e.param) from None
+        if tools is None:
+            return None
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise bad_request(f"tools: the function name {dup!r} appears twice", "tools")
+        if mode == "auto" and not self.enable_auto_tool_choice:
+            raise bad_request(
+                'tool_choice "auto" needs a server started with --enable-auto-tool-choice and a '
+                '--tool-call-parser; use "required" or a named function, or "none"',
+                "tool_choice",
+            )
+        return ToolCalling(mode, tools, self.tool_format)
 
     def completion(self, body: P.CompletionRequest) -> Generation:
         _refuse_unsupported(body)
@@ -237,7 +288,9 @@ class Serving:
             raise bad_request("messages is empty: give at least one message", "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt)
+        tools = self._tool_calling(body)
+        listed = tools.tools if tools is not None and tools.active else None
+        ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt, listed)
         ids = self._encode_prompt(ids, "messages")
         requested = body.max_completion_tokens or body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
@@ -246,8 +299,11 @@ class Serving:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         tokens = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         names = {"logprobs": "top_logprobs", "max_tokens": tokens}
-        params, grammar = self._sampling_params(body, max_tokens, logprobs, names)
-        return Generation("chat", self.model_name, [(ids, None)], params, body, grammar)
+        constraint = None
+        if tools is not None:
+            constraint = tool_choice.constraint(tools.mode, tools.tools, body.parallel_tool_calls)
+        params, grammar = self._sampling_params(body, max_tokens, logprobs, names, constraint)
+        return Generation("chat", self.model_name, [(ids, None)], params, body, grammar, tools)
 
     # ------------------------------------------------------------- submission
     def _submit(self, gen: Generation) -> list[Any]:
@@ -313,12 +369,20 @@ class Serving:
                 yield event({**body, **usage_field} if include_usage else _no_usage(body))
             async for i, out in sub.outputs():
                 choices = []
+                calls: list[tuple[int, Any]] = []  # (choice index, its tool calls), sent after
                 for o in out.outputs:
                     key = i * gen.n + o.index
                     done = o.finish_reason is not None
                     text = o.text if done else o.text[: max(0, len(o.text) - gen.hold_back)]
+                    if gen.tools is not None and not done:
+                        text = gen.tools.streamable(text)  # a call may be starting
+                    elif gen.tools is not None:
+                        extracted = gen.tools.extract(o.text, o.finish_reason)
+                        if extracted.tool_calls:
+                            text = extracted.content or ""
+                            calls.append((key, extracted))
                     before = sent_text.get(key, "")
-                    if len(text) < len(before):
+                    if len(text) < len(before) or not text.startswith(before):
                         text = before
                     start = sent_tokens.get(key, 0)
                     new_tokens = o.token_ids[start:]
@@ -333,6 +397,8 @@ class Serving:
                         gen, i, out, o, text_delta, new_tokens, chunk=True, token_start=start,
                         offset=len(before),
                     )  # fmt: skip
+                    if calls and calls[-1][0] == key:
+                        choice["finish_reason"] = None  # said by its last tool-call chunk
                     choices.append(choice)
                     sent_text[key] = text
                     sent_tokens[key] = len(o.token_ids)
@@ -340,6 +406,14 @@ class Serving:
                 if choices:
                     body = gen.response(choices, None, chunk=True)
                     yield event({**body, **usage_field} if include_usage else _no_usage(body))
+                for key, extracted in calls:
+                    deltas = ToolCalling.deltas(extracted)
+                    for j, delta in enumerate(deltas):
+                        last = j == len(deltas) - 1
+                        choice = {"index": key, "delta": {"tool_calls": delta}, "logprobs": None,
+                                  "finish_reason": "tool_calls" if last else None}  # fmt: skip
+                        body = gen.response([choice], None, chunk=True)
+                        yield event({**body, **usage_field} if include_usage else _no_usage(body))
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
                 usage = P.usage(prompt_tokens, sum(completion_tokens.values()))
@@ -386,7 +460,13 @@ class Serving:
         if chunk:
             delta = {"content": text} if text else {}
             return {"index": index, "delta": delta, "logprobs": logprobs, **finish}
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if gen.tools is not None:
+            extracted = gen.tools.extract(text, o.finish_reason)
+            if extracted.tool_calls:
+                message["content"] = extracted.content
+                message["tool_calls"] = [c.to_openai() for c in extracted.tool_calls]
+                finish["finish_reason"] = "tool_calls"
         return {"index": index, "message": message, "logprobs": logprobs, **finish}
 
 
