@@ -158,3 +158,111 @@ def test_an_invalid_schema_is_a_400_naming_response_format(client):
     assert e.value.body["param"] == "response_format"
     ok = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
+
+
+# ------------------------------------------------------------------ tool calling
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "the city", "maxLength": 30}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "Get the local time in a time zone",
+        "parameters": {"type": "object", "properties": {
+            "timezone": {"type": "string", "maxLength": 30}}, "required": ["timezone"]}}},
+]  # fmt: skip
+WEATHER_Q = [{"role": "user", "content": "What is the weather like in Paris?"}]
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+def test_required_tool_choice_always_calls_an_offered_tool(client):
+    for parallel in (True, False):
+        r = client.chat.completions.create(
+            model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
+            parallel_tool_calls=parallel, temperature=0, max_tokens=120,
+        )  # fmt: skip
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        calls = _calls(choice.message)
+        assert calls and all(name in ("get_weather", "get_time") for name, _ in calls)
+        assert parallel or len(calls) == 1
+        assert all(
+            c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls
+        )
+    assert calls[0] == ("get_weather", {"city": "Paris"})
+
+
+def test_named_tool_choice_calls_that_tool_with_its_parameters(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_Q, tools=TOOLS, temperature=0, max_tokens=120,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls"
+    [(name, args)] = _calls(r.choices[0].message)
+    assert name == "get_time" and set(args) == {"timezone"}
+
+
+def test_auto_tool_choice_falls_back_to_content_when_the_model_answers(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_Q, tools=TOOLS, temperature=0, max_tokens=40
+    )
+    message = r.choices[0].message  # SmolLM2-135M answers in prose (its 1.7B sibling calls)
+    assert message.tool_calls is None and message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_tool_calls_arrive_as_deltas_that_add_up(client):
+    kwargs = dict(model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
+                  temperature=0, max_tokens=120)  # fmt: skip
+    collected = client.chat.completions.create(**kwargs).choices[0].message
+    calls: dict[int, dict] = {}
+    finish, content = None, ""
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": "", "id": None})
+                if d.id:
+                    assert not entry["arguments"], "the name comes before the arguments"
+                    entry["id"], entry["name"] = d.id, d.function.name
+                entry["arguments"] += d.function.arguments or ""
+    assert finish == "tool_calls" and content == ""
+    streamed = [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)]
+    assert streamed == _calls(collected)
+
+
+def test_a_tool_result_turn_is_rendered_and_answered(client, server):
+    history = WEATHER_Q + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18, "sky": "cloudy"}'},
+    ]  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=30
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    import httpx
+
+    ids = httpx.post(server.url + "/tokenize", json={"messages": history, "tools": TOOLS}).json()[
+        "tokens"
+    ]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert (
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>' in text
+    )
+    assert '<tool_response>\n{"temp_c": 18, "sky": "cloudy"}\n</tool_response>' in text
+    assert "<tools>" in text and "get_time" in text
+
+
+def test_a_tool_call_cut_by_max_tokens_says_length_and_has_no_calls(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice="required", temperature=0,
+        max_tokens=4,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None

@@ -161,12 +161,18 @@ def test_structured_outputs_may_be_given_as_a_dict_and_bad_fields_are_named():
         SamplingParams(structured_outputs="json")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
-def test_real_models_answer_in_the_schema(model):
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+def real_llm(request):
     from jinfer import LLM
 
-    llm = LLM(model, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64)
+    return request.param, LLM(
+        request.param, max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=64
+    )
+
+
+@pytest.mark.slow
+def test_real_models_answer_in_the_schema(real_llm):
+    _, llm = real_llm
     ask = "Describe a user named Ann, aged 31, who is an admin and works in ops, as JSON."
     conversations = [[{"role": "user", "content": ask}]] * 3
     loose = SO(json=SCHEMA)  # with whitespace allowed, as a client would ask
@@ -176,3 +182,50 @@ def test_real_models_answer_in_the_schema(model):
         o = out.outputs[0]
         assert o.finish_reason == "stop", o.text
         _follows_schema(o.text)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}  # fmt: skip
+
+
+def _asked(city: str) -> list[dict]:
+    return [{"role": "user", "content": f"What is the weather in {city}?"}]
+
+
+def _called(city: str, temp: int) -> list[dict]:
+    arguments = json.dumps({"city": city})
+    call = {
+        "id": "c",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments},
+    }
+    return [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": json.dumps({"temp_c": temp})},
+        {"role": "assistant", "content": f"It is {temp} C in {city}."},
+    ]
+
+
+@pytest.mark.slow
+def test_real_models_call_tools_offline_in_their_own_format(real_llm):
+    from jinfer import tool_parsers
+    from jinfer.tool_parsers import choice
+
+    model, llm = real_llm
+    parser = tool_parsers.get(tool_parsers.DEFAULT_PARSERS[model])
+    # required: constrained, so it parses whatever the model
+    so = choice.constraint("required", [WEATHER], parallel=False)
+    out = llm.chat(_asked("Paris"), _params(structured_outputs=so), tools=[WEATHER])[0]
+    calls = choice.constrained_calls("required", out.outputs[0].text, [WEATHER])
+    assert [c.name for c in calls] == ["get_weather"]
+    # auto, after two turns that called the tool and read its result, in the model's format
+    history = _asked("Rome") + _called("Rome", 21) + _asked("Berlin") + _called("Berlin", 12)
+    history += _asked("Paris")
+    text = llm.chat(history, _params(max_tokens=60), tools=[WEATHER])[0].outputs[0].text
+    extracted = parser.extract(text, [WEATHER])
+    if model == "gemma3-270m":  # Gemma writes the call; SmolLM2-135M echoes a tool response
+        assert [(c.name, json.loads(c.arguments)) for c in extracted.tool_calls] == [
+            ("get_weather", {"city": "Paris"})
+        ], text
