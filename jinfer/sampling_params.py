@@ -19,6 +19,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # each is searched for in the new text of every token
 MAX_STOP_TOKEN_IDS = 128
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit; each value in [-100, 100]
+MAX_BAD_WORDS = 128  # each tokenized at admission, and matched against the output each step
+MAX_BAD_WORD_CHARS = 256
+MAX_ALLOWED_TOKEN_IDS = 1 << 20  # (a vocabulary's worth: duplicates are harmless)
 INT32_MAX = 2**31 - 1  # counts and token ids are packed into int32 arrays
 FLOAT32_MAX = 3.4028234663852886e38  # and floats into float32 ones
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by a smaller one would
@@ -92,9 +95,19 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     cache_salt: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be generated
+    bad_words: list[str] | None = None  # never generated (as words: with and without a space)
 
     def __post_init__(self) -> None:
         self.structured_outputs = _structured(self.structured_outputs)
+        if self.bad_words is not None:
+            self.bad_words = (
+                list(self.bad_words)
+                if isinstance(self.bad_words, (list, tuple))
+                else [self.bad_words]
+            )
+        if self.allowed_token_ids is not None and isinstance(self.allowed_token_ids, (list, tuple)):
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -190,6 +203,40 @@ class SamplingParams:
                     for t, b in self.logit_bias.items()
                 ),
                 f"logit_bias maps token ids in [0, {INT32_MAX}] to numbers in [-100, 100]",
+            ),
+            (
+                "allowed_token_ids",
+                lambda: (
+                    self.allowed_token_ids is None
+                    or (
+                        isinstance(self.allowed_token_ids, list)
+                        and 0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS
+                    )
+                ),
+                "allowed_token_ids must be a non-empty list of token ids",
+            ),
+            (
+                "allowed_token_ids",
+                lambda: (
+                    self.allowed_token_ids is None
+                    or all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.allowed_token_ids)
+                ),
+                f"allowed_token_ids must be integers in [0, {INT32_MAX}]",
+            ),
+            (
+                "bad_words",
+                lambda: (
+                    self.bad_words is None
+                    or (
+                        len(self.bad_words) <= MAX_BAD_WORDS
+                        and all(
+                            isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS
+                            for w in self.bad_words
+                        )
+                    )
+                ),
+                f"bad_words must be at most {MAX_BAD_WORDS} non-blank strings of at most "
+                f"{MAX_BAD_WORD_CHARS} characters",
             ),
             (
                 "cache_salt",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from jinfer import SamplingParams
@@ -229,3 +230,77 @@ def test_real_models_call_tools_offline_in_their_own_format(real_llm):
         assert [(c.name, json.loads(c.arguments)) for c in extracted.tool_calls] == [
             ("get_weather", {"city": "Paris"})
         ], text
+
+
+def test_allowed_token_ids_are_the_only_tokens_generated(llm):
+    allowed = list(range(1000, 1040))
+    outs = llm.generate(
+        PROMPTS, _params(max_tokens=24, temperature=1.0, seed=3, allowed_token_ids=allowed)
+    )
+    for out in outs:
+        assert out.outputs[0].token_ids and set(out.outputs[0].token_ids) <= set(allowed)
+
+
+def _at(ids: list[int], i: int, seq: list[int]) -> bool:
+    return ids[i : i + len(seq)] == seq
+
+
+def _contains(ids: list[int], seq: list[int]) -> bool:
+    return any(_at(ids, i, seq) for i in range(len(ids)))
+
+
+def test_bad_words_never_appear_and_nothing_changes_before_them(llm, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    free = llm.generate(PROMPTS[0], _params(max_tokens=24, ignore_eos=True))[0].outputs[0]
+    ids = free.token_ids
+    from jinfer.structured.guards import TokenGuards
+
+    def bans(words: list[str]) -> TokenGuards:  # the token sequences `words` ban
+        return TokenGuards.build(tok, tok.vocab_size, None, words)
+
+    # a token of the free output that is a word of its own, and a two-token stretch after it
+    k = next(i for i in range(2, len(ids) - 4) if ids[i] in bans([tok.decode([ids[i]])]).always)
+    words = [tok.decode([ids[k]]), tok.decode(ids[k + 2 : k + 4])]
+    out = llm.generate(PROMPTS[0], _params(max_tokens=24, ignore_eos=True, bad_words=words))
+    got = out[0].outputs[0].token_ids
+    guards = bans(words)
+    assert not any(t in guards.always for t in got)
+    assert not any(_contains(got, seq) for seq in guards.sequences)
+    ends = [i + len(s) - 1 for s in guards.sequences for i in range(len(ids)) if _at(ids, i, s)]
+    first_banned = min([i for i, t in enumerate(ids) if t in guards.always] + ends)
+    assert got[:first_banned] == ids[:first_banned] and got != ids
+
+
+def test_token_guards_mask_rows():
+    from jinfer.structured import bitmask
+    from jinfer.structured.guards import TokenGuards
+
+    g = TokenGuards(100, allowed=[5, 31, 32, 63, 99], bad_words=[[31], [7, 8, 63]])
+    row = bitmask.allocate(1, 100)[0]
+    g.apply(row, [1, 7, 8])
+    assert np.flatnonzero(bitmask.allowed_tokens(row, 100)).tolist() == [5, 32, 99]
+    row = bitmask.allocate(1, 100)[0]
+    g.apply(row, [7])
+    assert np.flatnonzero(bitmask.allowed_tokens(row, 100)).tolist() == [5, 32, 63, 99]
+    assert g.needs_history and not TokenGuards(100, [1], [[2]]).needs_history
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        (dict(allowed_token_ids=[]), "allowed_token_ids"),
+        (dict(allowed_token_ids=[-1]), "allowed_token_ids"),
+        (dict(bad_words=[""]), "bad_words"),
+        (dict(bad_words=["x" * 300]), "bad_words"),
+        (dict(bad_words=["w"] * 200), "bad_words"),
+    ],
+)
+def test_bad_guards_are_param_errors(kw, param):
+    with pytest.raises(ParamError) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param
+
+
+def test_an_allowed_token_outside_the_vocabulary_is_refused(llm):
+    with pytest.raises(ParamError, match="outside the vocabulary"):
+        llm.generate(PROMPTS[0], _params(allowed_token_ids=[10**6]))

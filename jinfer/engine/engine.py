@@ -29,6 +29,7 @@ from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
 from jinfer.structured.grammar import CompiledGrammar, GrammarCompiler
+from jinfer.structured.guards import TokenGuards
 from jinfer.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class Engine:
         self._check_token_ids(params)
         if grammar is None and params.structured_outputs is not None:
             grammar = self.grammars.compile(params.structured_outputs)
+        guards = TokenGuards.build(
+            self.tokenizer, self.cfg.vocab_size, params.allowed_token_ids, params.bad_words
+        )
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**62))
@@ -116,6 +120,7 @@ class Engine:
                 eos_token_ids=() if params.ignore_eos else self._eos,
                 parent_id=request_id,
                 matcher=None if grammar is None else grammar.matcher(),  # one per completion
+                guards=guards,  # (read-only: shared)
             )
             self._arrivals += 1
             seqs.append(seq)
@@ -151,7 +156,11 @@ class Engine:
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.cfg.vocab_size
-        named = (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias))
+        named = (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        )
         for name, ids in named:
             bad = [t for t in ids if t >= vocab]
             if bad:

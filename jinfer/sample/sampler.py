@@ -313,20 +313,22 @@ class Sampler:
         return PendingSamples(out, next_tokens, len(seqs), bool(batch.want_logprobs))
 
     def _bitmask(self, seqs: list[Sequence], rows: int, vocab: int) -> np.ndarray | None:
-        """[rows, W] allowed-token bits of the constrained rows (others all ones), filled by
-        their matchers; None when no row is constrained. A sequence that finished meanwhile
-        (its previous token stopped it) keeps all ones: its sample is dropped."""
-        constrained = [
-            (s.matcher, i)
-            for i, s in enumerate(seqs)
-            if s.matcher is not None and not s.is_finished
-        ]
-        if not constrained:
+        """[rows, W] allowed-token bits of the constrained rows (others all ones): filled by
+        their matchers, then narrowed by their guards (allowed_token_ids, bad_words); None
+        when no row is constrained. A sequence that finished meanwhile (its previous token
+        stopped it) keeps all ones: its sample is dropped."""
+        live = [(i, s) for i, s in enumerate(seqs) if not s.is_finished]
+        matched = [(s.matcher, i) for i, s in live if s.matcher is not None]
+        guarded = [(s, i) for i, s in live if s.guards is not None]
+        if not matched and not guarded:
             return None
-        if self._masks is None:
-            self._masks = MaskFiller()
         bitmask = allocate(rows, vocab)
-        self._masks.fill(bitmask, constrained)
+        if matched:
+            if self._masks is None:
+                self._masks = MaskFiller()
+            self._masks.fill(bitmask, matched)
+        for s, i in guarded:
+            s.guards.apply(bitmask[i], s.known_output_token_ids())
         return bitmask
 
     def warmup(self, logits: jax.Array) -> jax.Array:

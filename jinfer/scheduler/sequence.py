@@ -58,12 +58,18 @@ class Sequence:
     # Structured output: the request's own llguidance matcher (None: unconstrained). It has
     # consumed every known output token; the sampler masks the next one by it.
     matcher: Any = None
+    guards: Any = None  # allowed_token_ids / bad_words (`structured/guards.py`), or None
 
     @property
     def needs_known_tokens(self) -> bool:
         """Its next sample reads all its tokens on the host (penalties' history, the grammar's
-        state): it cannot be sampled while a token of it is still on the device."""
-        return self.matcher is not None or self.params.uses_penalties
+        state, a bad word's start): it cannot be sampled while a token of it is still on the
+        device."""
+        return (
+            self.matcher is not None
+            or self.params.uses_penalties
+            or (self.guards is not None and self.guards.needs_history)
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -49,8 +49,6 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "function_call": (_no_tool_choice, "the deprecated function_call field (use tool_choice)"),
     "use_beam_search": (_absent, "beam search"),
     "prompt_logprobs": (_absent, "prompt logprobs"),
-    "bad_words": (_absent, "bad-word bans (use logit_bias)"),
-    "allowed_token_ids": (_absent, "allowed-token lists (use logit_bias)"),
     "truncate_prompt_tokens": (_absent, "prompt truncation"),
     "continue_final_message": (_absent, "continuing the final message"),
     "chat_template": (_absent, "per-request chat templates"),
@@ -133,6 +131,8 @@ class _SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None  # one backend here (llguidance): ignored
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def structured_field(self) -> str:
         """The body's field that asks for structured output (where its errors point)."""
@@ -208,6 +208,8 @@ class _SamplingFields(BaseModel):
             logit_bias=self.logit_bias,
             cache_salt=self.cache_salt,
             structured_outputs=structured,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
         )
 
     @property
