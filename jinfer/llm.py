@@ -18,6 +18,7 @@ from jinfer import tool_parsers
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.engine.builder import build_engine
+from jinfer.engine.output_guard import load_guard
 from jinfer.loader import load_weights, named_models
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
@@ -44,6 +45,7 @@ class LLM:
     def __init__(self, model: str = named_models.DEFAULT_MODEL, **options: Any) -> None:
         t0 = time.perf_counter()
         config = EngineConfig(**options)  # checked before anything loads
+        load_guard(config.output_guard)  # (and the output guard it names)
         path = named_models.resolve_model(model)
         cfg, host_params = load_weights(path)
         self._setup(cfg, host_params, load_tokenizer(str(path)), config)

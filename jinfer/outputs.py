@@ -17,7 +17,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "content_filter"
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token
 

@@ -191,6 +191,12 @@ class EngineConfig:
         "device never waits for the host's bookkeeping (outputs are the same either way)",
     )
     seed: int = option(0, "the engine's seed: it draws the seeds of requests that bring none")
+    output_guard: str = option(
+        "",
+        "a check on each request's text before it is released: 'module:attr' (a guard, or what "
+        "makes one) or 'regex:PATTERN' (the built-in deny list); matches end the request with "
+        "finish_reason content_filter (jinfer/engine/output_guard.py)",
+    )
     warmup: bool = option(
         True, "compile every batch shape up front (off: each compiles on first use)"
     )

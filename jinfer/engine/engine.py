@@ -16,6 +16,7 @@ from jinfer.attention.kv_cache import KVCache
 from jinfer.config.cache import pages_for
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
+from jinfer.engine.output_guard import load_guard
 from jinfer.engine.output_processor import OutputProcessor, RequestState
 from jinfer.engine.stats import EngineStats
 from jinfer.models.params import Params
@@ -80,7 +81,9 @@ class Engine:
             self.blocks,
         )
         self.stats = EngineStats()
-        self.output = OutputProcessor(tokenizer, config.max_model_len, self.stats)
+        self.output = OutputProcessor(
+            tokenizer, config.max_model_len, self.stats, load_guard(config.output_guard)
+        )
         self.warmup_time = 0.0
         self._in_flight: tuple[StepPlan, DispatchedStep] | None = None  # dispatched, not landed
         self._rng = np.random.default_rng(config.seed)

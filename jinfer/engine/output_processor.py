@@ -15,6 +15,7 @@ import logging
 import time
 
 from jinfer.engine.detokenizer import IncrementalDetokenizer
+from jinfer.engine.output_guard import Guard
 from jinfer.engine.stats import EngineStats
 from jinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jinfer.runner.model_runner import StepResult
@@ -34,6 +35,7 @@ class SeqState:
     detok: IncrementalDetokenizer
     text: str = ""
     checked_upto: int = 0  # how much of `text` stop strings have been searched in
+    released: int | None = None  # with an output guard: how much of `text` callers may see
     # Per-token logprob dicts built so far: each step adds one, never rebuilding the rest.
     logprob_entries: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
 
@@ -50,7 +52,7 @@ class SeqState:
             logprobs = list(built)
         return CompletionOutput(
             index=self.index,
-            text=self.text,
+            text=self.text if self.released is None else self.text[: self.released],
             token_ids=seq.known_output_token_ids(),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
@@ -74,10 +76,17 @@ class RequestState:
 class OutputProcessor:
     """Holds every request in flight (`requests`, by id) and turns steps into their outputs."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, stats: EngineStats) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        stats: EngineStats,
+        guard: Guard | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.stats = stats
+        self.guard = guard  # checks each completion's text before it is released
         self.requests: dict[str, RequestState] = {}
 
     def add_request(
@@ -145,6 +154,8 @@ class OutputProcessor:
                 ]
                 seq.logprobs.append((float(result.logprobs[row]), top))
             reason = self._check_stop(state, token)
+            if self.guard is not None:
+                reason = self._check_guard(state, reason)
             if reason is not None:
                 done.append((seq, reason))
             touched[req.request_id] = req
@@ -173,6 +184,20 @@ class OutputProcessor:
             state.text += state.detok.flush()
             return "length"
         return None
+
+    def _check_guard(self, state: SeqState, reason: str | None) -> str | None:
+        """Asks the output guard what of the text may be released; "content_filter" if it
+        ends the request."""
+        t0 = time.perf_counter()
+        verdict = self.guard(state.text, reason is not None, state.seq.request_id)
+        self.stats.guard_time += time.perf_counter() - t0
+        release = max(0, min(verdict.release, len(state.text)))
+        if verdict.block:
+            state.text, state.released = state.text[:release], None
+            state.seq.stop_reason = None
+            return "content_filter"
+        state.released = None if reason is not None else release
+        return reason
 
     def _find_stop(self, state: SeqState) -> str | None:
         """Searches the newly added text for a stop string (which may span tokens)."""

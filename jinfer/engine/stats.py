@@ -20,6 +20,7 @@ class EngineStats:
     # step in flight meanwhile, so host time no longer says how long the device waited.
     step_time: float = 0.0
     device_time: float = 0.0
+    guard_time: float = 0.0  # of step_time: in the output guard (output_guard.py)
     # Prefix cache, in tokens, counted at each admission (vllm:prefix_cache_queries / _hits).
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
