@@ -7,6 +7,9 @@ Workloads are seeded and follow real traffic (lengths in tokens, before --scale)
     summarization       2k-8k in, 200-500 out
     agentic-multi-turn  sessions of 3-10 turns; each turn resends the whole context plus a tool
                         result, after a random think gap
+    json-schema         (--structured) a staff record under response_format json_schema; the
+                        answer must parse
+    tool-call           (--structured) two tools, tool_choice "required"; a call must come back
 
 Load is either a fixed number of clients in a closed loop (--concurrency C ...) or Poisson arrivals
 (--request-rate R ...); each value is one level. Per level: TTFT, TPOT, ITL and end-to-end latency
@@ -16,6 +19,7 @@ a PNG (latency against throughput) when matplotlib is installed.
     python scripts/bench_serving.py --launch --workload chat --concurrency 1 8 32
     python scripts/bench_serving.py --url http://127.0.0.1:8000 --model NAME --workload all \
         --scale 0.1 --request-rate 0.5 1 2 --json out.json --plot out.png
+    python scripts/bench_serving.py --launch --workload chat --structured --scale 0.1
 
 Metric definitions (as vLLM's): TTFT = send to first content chunk; TPOT = (E2E - TTFT) /
 (output tokens - 1), per request; ITL = every gap between content chunks; E2E = send to last
@@ -69,6 +73,9 @@ class Turn:
     user: str  # this turn's new user content (a question, a tool result, ...)
     max_tokens: int
     think_s: float = 0.0  # pause before sending (multi-turn sessions)
+    # Request fields beyond the messages: the structured workloads' response_format or tools.
+    extra: dict = field(default_factory=dict)
+    expect: str = ""  # "json": the answer must parse; "tool_call": a call must come back
 
 
 @dataclass
@@ -137,9 +144,50 @@ def make_sessions(name: str, num: int, seed: int, scale: float) -> list[Session]
                 tool = "Tool result:\n" + _code(rng, _length(rng, 100, 800, scale))
                 turns.append(Turn(tool, _length(rng, 20, 200, scale), rng.uniform(0.5, 3.0)))
             sessions.append(Session("You are an autonomous agent using tools.", turns))
+        elif name == "json-schema":
+            person = _words(rng, 3)
+            ask = f"Write the staff record of {person} as JSON. " + _words(
+                rng, _length(rng, 20, 200, scale)
+            )
+            fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD}}
+            extra = {"response_format": fmt}
+            sessions.append(Session("You answer in JSON.", [Turn(ask, 300, 0.0, extra, "json")]))
+        elif name == "tool-call":
+            city = rng.choice(["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Perth"])
+            ask = f"What is the weather in {city}? " + _words(rng, _length(rng, 20, 200, scale))
+            extra = {"tools": TOOLS, "tool_choice": "required"}
+            sessions.append(
+                Session("You are an agent using tools.", [Turn(ask, 200, 0.0, extra, "tool_call")])
+            )
         else:
             raise ValueError(f"unknown workload {name!r}")
     return sessions
+
+
+# The structured workloads' schema and tools (bench_serving.py --structured).
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "team": {"enum": ["infra", "research", "product", "sales"]},
+        "remote": {"type": "boolean"},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 4},
+    },
+    "required": ["name", "age", "team", "remote", "skills"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the web",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "maxLength": 80}}, "required": ["query"]}}},
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------- client
@@ -162,7 +210,11 @@ class Result:
 
 
 async def send(
-    client: httpx.AsyncClient, args: argparse.Namespace, messages: list[dict], max_tokens: int
+    client: httpx.AsyncClient,
+    args: argparse.Namespace,
+    messages: list[dict],
+    max_tokens: int,
+    turn: Turn | None = None,
 ) -> Result:
     body = {
         "model": args.model,
@@ -172,7 +224,9 @@ async def send(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(turn.extra if turn is not None else {}),
     }
+    calls = 0
     res = Result(ok=False)
     t0 = last = time.perf_counter()
     first = True
@@ -194,8 +248,10 @@ async def send(
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                 if not chunk.get("choices"):
                     continue
-                content = chunk["choices"][0].get("delta", {}).get("content")
-                if not content:
+                delta = chunk["choices"][0].get("delta", {})
+                content = delta.get("content")
+                calls += len(delta.get("tool_calls") or [])
+                if not content and not delta.get("tool_calls"):
                     continue
                 now = time.perf_counter()
                 if first:
@@ -203,7 +259,7 @@ async def send(
                 else:
                     res.itls.append(now - last)
                 last = now
-                res.text += content
+                res.text += content or ""
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
@@ -214,6 +270,13 @@ async def send(
         res.output_tokens = len(args.tokenizer.encode(res.text, add_special_tokens=False))
     if res.ok and not res.error and not res.text and not res.output_tokens:
         res.error = "the stream ended without a token"
+    if res.ok and turn is not None and turn.expect == "json":
+        try:
+            json.loads(res.text)
+        except ValueError:
+            res.error = f"not JSON: {res.text[:80]!r}"
+    if res.ok and turn is not None and turn.expect == "tool_call" and not calls:
+        res.error = "no tool call came back"
     res.ok = res.ok and not res.error
     return res
 
@@ -226,7 +289,7 @@ async def run_session(
         if turn.think_s:
             await asyncio.sleep(turn.think_s * args.think_scale)
         messages.append({"role": "user", "content": turn.user})
-        res = await send(client, args, messages, turn.max_tokens)
+        res = await send(client, args, messages, turn.max_tokens, turn)
         out.append(res)
         if not res.ok:
             return
@@ -392,6 +455,8 @@ def parse_slo(items: list[str]) -> dict[str, float]:
 
 
 WORKLOADS = ("chat", "coding-agent", "summarization", "agentic-multi-turn")
+# Constrained traffic (--structured): JSON-schema answers and forced tool calls, each checked.
+STRUCTURED = ("json-schema", "tool-call")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -406,7 +471,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--launch", action="store_true", help="start `python -m jinfer.serve` for the run"
     )
-    p.add_argument("--workload", nargs="+", default=["chat"], help=f"{', '.join(WORKLOADS)} or all")
+    p.add_argument(
+        "--workload",
+        nargs="+",
+        default=None,
+        help=f"{', '.join(WORKLOADS + STRUCTURED)} or all (the first four; default chat)",
+    )
+    p.add_argument(
+        "--structured",
+        action="store_true",
+        help="add the constrained workloads: json-schema (response_format) and tool-call "
+        "(tool_choice required); every answer is checked to parse",
+    )
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, nargs="+", help="closed-loop clients per level")
     load.add_argument("--request-rate", type=float, nargs="+", help="Poisson sessions/s per level")
@@ -423,7 +499,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.tokenizer = token_counter(args.tokenizer, args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    workloads = list(WORKLOADS) if args.workload == ["all"] else args.workload
+    workloads = list(WORKLOADS) if args.workload == ["all"] else list(args.workload or [])
+    if args.structured:
+        workloads += [w for w in STRUCTURED if w not in workloads]
+    workloads = workloads or ["chat"]
     slo = parse_slo(args.slo)
     if args.concurrency is None and args.request_rate is None:
         args.concurrency = [1, 8, 32]
