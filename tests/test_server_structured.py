@@ -215,12 +215,15 @@ def test_auto_tool_choice_falls_back_to_content_when_the_model_answers(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-def test_streamed_tool_calls_arrive_as_deltas_that_add_up(client):
-    kwargs = dict(model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_streamed_tool_calls_arrive_as_deltas_that_add_up(client, tool_choice):
+    kwargs = dict(model=MODEL, messages=WEATHER_Q, tools=TOOLS, tool_choice=tool_choice,
                   temperature=0, max_tokens=120)  # fmt: skip
     collected = client.chat.completions.create(**kwargs).choices[0].message
     calls: dict[int, dict] = {}
-    finish, content = None, ""
+    finish, content, fragments = None, "", 0
     for chunk in client.chat.completions.create(**kwargs, stream=True):
         for c in chunk.choices:
             content += c.delta.content or ""
@@ -230,10 +233,12 @@ def test_streamed_tool_calls_arrive_as_deltas_that_add_up(client):
                 if d.id:
                     assert not entry["arguments"], "the name comes before the arguments"
                     entry["id"], entry["name"] = d.id, d.function.name
+                fragments += bool(d.function.arguments)
                 entry["arguments"] += d.function.arguments or ""
     assert finish == "tool_calls" and content == ""
     streamed = [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)]
     assert streamed == _calls(collected)
+    assert fragments > len(calls)  # the arguments came as they were written, not at the end
 
 
 def test_a_tool_result_turn_is_rendered_and_answered(client, server):

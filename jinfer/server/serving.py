@@ -32,7 +32,7 @@ from jinfer.outputs import CompletionOutput, RequestOutput
 from jinfer.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
-from jinfer.server.tool_calls import ToolCalling
+from jinfer.server.tool_calls import CallStream, ToolCalling
 from jinfer.structured.grammar import CompiledGrammar
 from jinfer.tool_parsers import choice as tool_choice
 from jinfer.tool_parsers import prompt as tool_prompt
@@ -354,6 +354,7 @@ class Serving:
         sent_text: dict[int, str] = {}
         sent_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
+        call_streams: dict[int, CallStream] = {}  # required / named tool choices, per choice
 
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -374,7 +375,11 @@ class Serving:
                     key = i * gen.n + o.index
                     done = o.finish_reason is not None
                     text = o.text if done else o.text[: max(0, len(o.text) - gen.hold_back)]
-                    if gen.tools is not None and not done:
+                    call_deltas: list[dict[str, Any]] = []
+                    if gen.tools is not None and gen.tools.constrained:  # calls as they grow
+                        stream_of = call_streams.setdefault(key, CallStream(gen.tools.mode))
+                        call_deltas, text = stream_of.advance(o.text), ""
+                    elif gen.tools is not None and not done:
                         text = gen.tools.streamable(text)  # a call may be starting
                     elif gen.tools is not None:
                         extracted = gen.tools.extract(o.text, o.finish_reason)
@@ -387,7 +392,7 @@ class Serving:
                     start = sent_tokens.get(key, 0)
                     new_tokens = o.token_ids[start:]
                     quiet = text == before and (not new_tokens or gen.num_logprobs is None)
-                    if quiet and not done:
+                    if quiet and not done and not call_deltas:
                         continue  # nothing the client can see yet
                     if gen.echo and key not in sent_text:
                         text_delta = self._echo_text(gen, i) + text[len(before) :]
@@ -399,6 +404,12 @@ class Serving:
                     )  # fmt: skip
                     if calls and calls[-1][0] == key:
                         choice["finish_reason"] = None  # said by its last tool-call chunk
+                    if call_deltas:
+                        choice["delta"]["tool_calls"] = call_deltas
+                    if done and key in call_streams:
+                        extracted = gen.tools.extract(o.text, o.finish_reason)
+                        if extracted.tool_calls:
+                            choice["finish_reason"] = "tool_calls"
                     choices.append(choice)
                     sent_text[key] = text
                     sent_tokens[key] = len(o.token_ids)
