@@ -32,7 +32,7 @@ from jinfer.outputs import CompletionOutput, RequestOutput
 from jinfer.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request
-from jinfer.server.tool_calls import CallStream, ToolCalling
+from jinfer.server.tool_calls import ToolCalling, ToolStream
 from jinfer.structured.grammar import CompiledGrammar
 from jinfer.tool_parsers import choice as tool_choice
 from jinfer.tool_parsers import prompt as tool_prompt
@@ -354,7 +354,7 @@ class Serving:
         sent_text: dict[int, str] = {}
         sent_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        call_streams: dict[int, CallStream] = {}  # required / named tool choices, per choice
+        tool_streams: dict[int, ToolStream] = {}  # with tools: content and calls, per choice
 
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -370,22 +370,15 @@ class Serving:
                 yield event({**body, **usage_field} if include_usage else _no_usage(body))
             async for i, out in sub.outputs():
                 choices = []
-                calls: list[tuple[int, Any]] = []  # (choice index, its tool calls), sent after
                 for o in out.outputs:
                     key = i * gen.n + o.index
                     done = o.finish_reason is not None
                     text = o.text if done else o.text[: max(0, len(o.text) - gen.hold_back)]
                     call_deltas: list[dict[str, Any]] = []
-                    if gen.tools is not None and gen.tools.constrained:  # calls as they grow
-                        stream_of = call_streams.setdefault(key, CallStream(gen.tools.mode))
-                        call_deltas, text = stream_of.advance(o.text), ""
-                    elif gen.tools is not None and not done:
-                        text = gen.tools.streamable(text)  # a call may be starting
-                    elif gen.tools is not None:
-                        extracted = gen.tools.extract(o.text, o.finish_reason)
-                        if extracted.tool_calls:
-                            text = extracted.content or ""
-                            calls.append((key, extracted))
+                    finish = None  # the choice's own
+                    if gen.tools is not None:  # content up to a call, the calls as deltas
+                        tools = tool_streams.setdefault(key, gen.tools.stream())
+                        text, call_deltas, finish = tools.step(o.text, text, done, o.finish_reason)
                     before = sent_text.get(key, "")
                     if len(text) < len(before) or not text.startswith(before):
                         text = before
@@ -402,14 +395,10 @@ class Serving:
                         gen, i, out, o, text_delta, new_tokens, chunk=True, token_start=start,
                         offset=len(before),
                     )  # fmt: skip
-                    if calls and calls[-1][0] == key:
-                        choice["finish_reason"] = None  # said by its last tool-call chunk
                     if call_deltas:
                         choice["delta"]["tool_calls"] = call_deltas
-                    if done and key in call_streams:
-                        extracted = gen.tools.extract(o.text, o.finish_reason)
-                        if extracted.tool_calls:
-                            choice["finish_reason"] = "tool_calls"
+                    if finish is not None:
+                        choice["finish_reason"] = finish
                     choices.append(choice)
                     sent_text[key] = text
                     sent_tokens[key] = len(o.token_ids)
@@ -417,14 +406,6 @@ class Serving:
                 if choices:
                     body = gen.response(choices, None, chunk=True)
                     yield event({**body, **usage_field} if include_usage else _no_usage(body))
-                for key, extracted in calls:
-                    deltas = ToolCalling.deltas(extracted)
-                    for j, delta in enumerate(deltas):
-                        last = j == len(deltas) - 1
-                        choice = {"index": key, "delta": {"tool_calls": delta}, "logprobs": None,
-                                  "finish_reason": "tool_calls" if last else None}  # fmt: skip
-                        body = gen.response([choice], None, chunk=True)
-                        yield event({**body, **usage_field} if include_usage else _no_usage(body))
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
                 usage = P.usage(prompt_tokens, sum(completion_tokens.values()))

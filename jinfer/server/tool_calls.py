@@ -25,11 +25,6 @@ class ToolCalling:
     def active(self) -> bool:
         return self.mode != "none"
 
-    @property
-    def constrained(self) -> bool:
-        """A required or named choice: calls stream as they are written (`CallStream`)."""
-        return self.mode == "required" or choice.named(self.mode) is not None
-
     def extract(self, text: str, finish_reason: str | None) -> Extracted:
         """The calls of a finished choice, and its content; no calls unless it stopped."""
         if not self.active or finish_reason != "stop":
@@ -39,50 +34,67 @@ class ToolCalling:
         calls = choice.constrained_calls(self.mode, text, self.tools)
         return Extracted(None, calls) if calls else Extracted(text, [])
 
-    def streamable(self, text: str) -> str:
-        """The part of an unfinished choice's text that is content whatever comes next."""
-        if not self.active:
-            return text
-        return self.parser.content_prefix(text) if self.mode == "auto" else ""
-
-    @staticmethod
-    def deltas(extracted: Extracted) -> list[list[dict[str, Any]]]:
-        """OpenAI's streamed tool calls: per call, its id and name first, then its arguments
-        (one `tool_calls` list per chunk)."""
-        out = []
-        for i, call in enumerate(extracted.tool_calls):
-            head = {"name": call.name, "arguments": ""}
-            out.append([{"index": i, "id": call.id, "type": "function", "function": head}])
-            out.append([{"index": i, "function": {"arguments": call.arguments}}])
-        return out
+    def stream(self) -> ToolStream:
+        return ToolStream(self)
 
 
-class CallStream:
-    """One streamed choice of a required or named tool choice: its calls' deltas as the
-    constrained JSON grows (named: the text is the arguments object; required: a list of
-    {"name", "parameters"}), each call's id and name first, then its arguments as they come."""
+class ToolStream:
+    """One streamed choice of a request with tools: its content, sent up to where a call
+    begins, and its calls as OpenAI's deltas, each call's id and name first, then its
+    arguments as they are written. Calls written as JSON ({"name", "arguments" | "parameters"},
+    alone or in a list: required and named choices, xlam, hermes, llama3_json, mistral) stream
+    as they grow, once their name is an offered tool's; others (pythonic) when the choice ends.
+    A call is presented as complete only by `finish_reason: "tool_calls"`."""
 
-    def __init__(self, mode: str) -> None:
-        self.name = choice.named(mode)  # None: "required"
+    ARG_KEYS = ("arguments", "parameters")
+
+    def __init__(self, calling: ToolCalling) -> None:
+        self.calling = calling
+        self.named = choice.named(calling.mode)
+        self.offered = {t["function"]["name"] for t in calling.tools}
         self.ids: list[str] = []
         self.sent: list[int] = []  # per call: argument characters sent
 
-    def advance(self, text: str) -> list[dict[str, Any]]:
-        """The `tool_calls` delta entries `text` adds to what was sent."""
-        calls = [(self.name, 0)] if self.name is not None else _scan_required(text)
+    def step(
+        self, text: str, visible: str, done: bool, finish_reason: str | None
+    ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """(content to have sent so far, this step's `tool_calls` delta entries, the finish
+        reason to send, None: the choice's own) for the choice's `text` (`visible`: the part
+        stop strings let out)."""
+        c = self.calling
+        if c.mode == "auto":
+            content = c.parser.content_prefix(visible)
+            region = len(content) if len(content) < len(text) else None
+            calls = [] if region is None else _scan_calls(text, region, self.ARG_KEYS)
+        else:
+            content = ""
+            calls = [(self.named, 0)] if self.named else _scan_calls(text, 0, self.ARG_KEYS)
+        deltas = self._advance(text, calls)
+        if not done:
+            return content, deltas, None
+        extracted = c.extract(text, finish_reason)
+        if not extracted.tool_calls:
+            return (text if c.mode == "auto" and not self.ids else content), deltas, None
+        for i, call in enumerate(extracted.tool_calls[len(self.ids) :], start=len(self.ids)):
+            head = {"name": call.name, "arguments": ""}
+            deltas.append({"index": i, "id": call.id, "type": "function", "function": head})
+            deltas.append({"index": i, "function": {"arguments": call.arguments}})
+            self.ids.append(call.id)
+        return (extracted.content or "") if c.mode == "auto" else "", deltas, "tool_calls"
+
+    def _advance(self, text: str, calls: list[tuple[str, int]]) -> list[dict[str, Any]]:
         out = []
         for i, (name, start) in enumerate(calls):
-            if name is None:
-                break
+            if name not in self.offered:
+                break  # not a call this request offered: the end decides what the text is
             if i == len(self.ids):
                 self.ids.append(call_id())
                 self.sent.append(0)
                 head = {"name": name, "arguments": ""}
                 out.append({"index": i, "id": self.ids[i], "type": "function", "function": head})
-            args = _value_so_far(text, start)
+            args = text[start:] if self.named else _value_so_far(text, start)
             if len(args) > self.sent[i]:
-                piece = args[self.sent[i] :]
-                out.append({"index": i, "function": {"arguments": piece}})
+                out.append({"index": i, "function": {"arguments": args[self.sent[i] :]}})
                 self.sent[i] = len(args)
         return out
 
@@ -105,36 +117,36 @@ def _value_so_far(text: str, start: int) -> str:
     return text[start:]
 
 
-def _scan_required(text: str) -> list[tuple[str | None, int]]:
-    """(name, where its "parameters" value starts) for each item of a "required" answer's list
-    so far; an item whose name or parameters have not begun yet is (None, 0)."""
-    out: list[tuple[str | None, int]] = []
-    depth, i, key, name = 0, 0, None, None
+def _scan_calls(text: str, start: int, arg_keys: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(name, where its arguments object starts) for each JSON object in `text[start:]` that
+    holds a "name" string and then an arguments object (at any depth: alone, in a list, in
+    tags), as far as the text goes."""
+    out: list[tuple[str, int]] = []
+    depth, i = 0, start
+    key: dict[int, str | None] = {}  # per depth: the key just read in the object open there
+    names: dict[int, str] = {}  # per depth: that object's "name"
     while i < len(text):
         c = text[i]
         if c == '"':
             end = _string_end(text, i)
-            if end is None:
+            rest = "" if end is None else text[end + 1 :].lstrip()
+            if not rest:  # a string still being written, or not yet known as key or value
                 break
-            s = text[i + 1 : end]
-            rest = text[end + 1 :].lstrip()
-            if depth == 2 and rest.startswith(":"):
-                key = s
-            elif depth == 2 and key == "name":
-                name = s
+            if rest.startswith(":"):
+                key[depth] = text[i + 1 : end]
+            elif key.get(depth) == "name":
+                names[depth] = text[i + 1 : end]
             i = end + 1
             continue
-        if c == "{" and depth == 2 and key == "parameters":
-            if name is None:
-                break
-            out.append((name, i))
-            end = len(_value_so_far(text, i)) + i
-            i, key = end, None
+        if c == "{" and key.get(depth) in arg_keys and depth in names:
+            out.append((names[depth], i))
+            i += len(_value_so_far(text, i))
+            key[depth] = None
             continue
         if c in "{[":
             depth += 1
-            if depth == 2:
-                key = name = None
+            key.pop(depth, None)
+            names.pop(depth, None)
         elif c in "}]":
             depth -= 1
         i += 1
