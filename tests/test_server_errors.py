@@ -309,8 +309,8 @@ def test_a_constraint_that_does_not_compile_names_the_field_it_came_in(server, e
     assert r.json()["error"]["param"] == param
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY}}]
 
 
 @pytest.mark.parametrize(
