@@ -304,3 +304,12 @@ def test_bad_guards_are_param_errors(kw, param):
 def test_an_allowed_token_outside_the_vocabulary_is_refused(llm):
     with pytest.raises(ParamError, match="outside the vocabulary"):
         llm.generate(PROMPTS[0], _params(allowed_token_ids=[10**6]))
+
+
+def test_a_prefix_cache_hit_changes_nothing_in_a_constrained_answer(llm):
+    prompt = "Here is the user record you asked for, in JSON: " + "word " * 40
+    first = llm.generate(prompt, _params(structured_outputs=JSON))[0]
+    again = llm.generate(prompt, _params(structured_outputs=JSON))[0]
+    assert again.num_cached_tokens >= 32 and first.num_cached_tokens < again.num_cached_tokens
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    _follows_schema(again.outputs[0].text)
