@@ -313,3 +313,9 @@ def test_a_prefix_cache_hit_changes_nothing_in_a_constrained_answer(llm):
     assert again.num_cached_tokens >= 32 and first.num_cached_tokens < again.num_cached_tokens
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     _follows_schema(again.outputs[0].text)
+
+
+def test_a_stop_string_ends_a_constrained_answer_where_it_appears(llm):
+    so = SO(regex=r"alpha beta gamma")
+    out = llm.generate(PROMPTS[0], _params(structured_outputs=so, stop=[" gam"]))[0].outputs[0]
+    assert out.text == "alpha beta" and out.finish_reason == "stop" and out.stop_reason == " gam"
