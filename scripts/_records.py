@@ -139,9 +139,7 @@ def parse_record(
     derives a per-record seed for records that bring none."""
     if not isinstance(obj, dict):
         raise ValueError(f"a record must be a JSON object, got {type(obj).__name__}")
-    if "id" not in obj:
-        raise ValueError("missing 'id'")
-    record_id = obj["id"]
+    record_id = obj.get("id", line)  # absent: the line number
     if not (isinstance(record_id, str) or _is_int(record_id)):
         raise ValueError(f"'id' must be a string or an integer, got {json.dumps(record_id)}")
     if isinstance(record_id, str) and not record_id:

@@ -13,9 +13,23 @@ Batch mode::
 
     .venv/bin/python scripts/generate.py --input in.jsonl --output out.jsonl --max-tokens 128
 
-Each input line is one JSON object with a unique ``id`` (string or integer; ``1`` and ``"1"``
-count as the same id) and exactly one of ``prompt`` (text), ``prompt_token_ids`` (list of ints)
-or ``messages`` (a chat: ``[{"role": "user", "content": "..."}]``). A record may also set any of
+The input is either an OpenAI batch file (its first line has a ``custom_id``) or jinfer's own
+record format.
+
+OpenAI batch files (what ``vllm run-batch`` and OpenAI's Batch API read): each line is
+``{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}``,
+the body as the server takes it (``response_format``, ``tools``, ... included), validated and
+answered by the server's own code in this process. Each output line is ``{"id", "custom_id",
+"response": {"status_code", "request_id", "body"}, "error"}``: the server's response body
+(``usage`` included), or its error body with ``error: {"code", "message"}`` for a line that
+failed -- malformed, a duplicate ``custom_id``, a request the server refuses; the run goes on.
+Up to ``--batch-size`` requests run at once; each result is written as it finishes, and a rerun
+skips the ``custom_id``s already in the output. A summary (ok, failed, tokens, tok/s) ends it.
+
+jinfer's record format: each input line is one JSON object with an ``id`` (string or integer,
+unique; ``1`` and ``"1"`` count as the same id; absent: the line number) and exactly one of
+``prompt`` (text), ``prompt_token_ids`` (list of ints) or ``messages`` (a chat:
+``[{"role": "user", "content": "..."}]``). A record may also set any of
 ``max_tokens temperature top_p top_k min_p seed stop stop_token_ids ignore_eos min_tokens logprobs
 repetition_penalty presence_penalty frequency_penalty n``, overriding the command-line defaults;
 any other key is an error (so a typo is not silently ignored). Blank lines are skipped.
@@ -48,6 +62,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _openai_batch
 from _records import (
     SEED_RANGE,
     InputError,
@@ -99,6 +114,12 @@ def run_file(args: argparse.Namespace) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     if out_path.exists() and in_path.resolve() == out_path.resolve():
         log.error("--output must differ from --input")
+        return 2
+    try:
+        if _openai_batch.is_batch_file(in_path):
+            return run_openai_batch(args, in_path, out_path)
+    except OSError as e:
+        log.error("%s", e)
         return 2
     try:
         records = load_records(in_path, default_sampling(args), args.seed)
@@ -179,6 +200,67 @@ def run_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_openai_batch(args: argparse.Namespace, in_path: Path, out_path: Path) -> int:
+    """An OpenAI batch file (`_openai_batch.py`); returns the exit status."""
+    import asyncio
+    import time
+
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    lines = _openai_batch.read_batch(in_path)
+    done = _openai_batch.done_ids(out_path)
+    pending = [b for b in lines if b.custom_id not in done]
+    log.info(
+        "%d requests in %s (OpenAI batch format): %d already in %s, %d to run",
+        len(lines), in_path, len(lines) - len(pending), out_path, len(pending),
+    )  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not pending:
+        out_path.touch()
+        return 0
+    try:
+        llm = build_llm(args)
+    except SetupError as e:
+        log.error("%s", e)
+        return 2
+    runner = _openai_batch.BatchRunner(llm, args.model, args.batch_size)
+    t0 = time.perf_counter()
+    with (
+        open(out_path, "a", encoding="utf-8") as out,
+        logging_redirect_tqdm(),
+        tqdm(
+            total=len(lines), initial=len(lines) - len(pending), desc="requests", unit="req",
+            file=sys.stderr, disable=args.no_progress,
+        ) as bar,
+    ):  # fmt: skip
+
+        def write(entry: dict[str, Any]) -> None:
+            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(1)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(tok_s=f"{runner.completion_tokens / elapsed:.1f}", failed=runner.failed)
+
+        try:
+            asyncio.run(runner.run(pending, write))
+        except KeyboardInterrupt:
+            log.warning(
+                "interrupted: %d request(s) written this run; rerun the same command to resume",
+                runner.ok + runner.failed,
+            )
+            return 130
+    wall = time.perf_counter() - t0
+    log.info(
+        "%d ok, %d failed; %d prompt and %d completion tokens in %.1f s (%.1f output tok/s); "
+        "results in %s",
+        runner.ok, runner.failed, runner.prompt_tokens, runner.completion_tokens, wall,
+        runner.completion_tokens / wall, out_path,
+    )  # fmt: skip
+    return 0
+
+
 def run_inline(args: argparse.Namespace) -> int:
     """`--chat` / `--prompt` mode: prints each answer to stdout; returns the exit status."""
     settings = default_sampling(args)
@@ -226,11 +308,16 @@ class _AppendItem(argparse.Action):
         namespace.items = items
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the record formats (the epilog) as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="generate.py",
         description="Offline generation with jinfer: --chat/--prompt, or --input/--output JSONL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],  # the formats, in full
+        formatter_class=_HelpFormatter,
     )
     p.set_defaults(items=[])
     src = p.add_argument_group("what to generate")

@@ -104,7 +104,7 @@ def test_load_records_names_every_bad_line(gen: ModuleType, tmp_path: Path):
         [
             {"id": "ok", "prompt": "fine"},  # 1
             '{"id": "x", "prompt": ',  # 2: invalid JSON
-            {"prompt": "no id"},  # 3
+            {"id": "", "prompt": "empty id"},  # 3
             {"id": "ok", "prompt": "again"},  # 4: duplicate
             {"id": "np"},  # 5: no prompt field
             {"id": "t", "prompt": "p", "temperature": -1},  # 6: SamplingParams rejects
@@ -126,7 +126,7 @@ def test_load_records_names_every_bad_line(gen: ModuleType, tmp_path: Path):
     message = str(err)
     for line, fragment in [
         (2, "invalid JSON"),
-        (3, "missing 'id'"),
+        (3, "'id' must not be empty"),
         (4, 'duplicate id "ok" (first on line 1)'),
         (5, "needs one of 'prompt', 'prompt_token_ids' or 'messages'"),
         (6, "temperature must be >= 0"),
@@ -141,6 +141,15 @@ def test_load_records_names_every_bad_line(gen: ModuleType, tmp_path: Path):
     ]:
         assert f"{path}:{line}: " in message
         assert fragment in dict(err.errors)[line], (line, err.errors)
+
+
+def test_a_record_without_an_id_is_named_by_its_line(gen: ModuleType, tmp_path: Path):
+    path = tmp_path / "in.jsonl"
+    _write_jsonl(path, [{"prompt": "a"}, "", {"prompt": "b"}, {"id": 1, "prompt": "c"}])
+    with pytest.raises(gen.InputError, match=r"in\.jsonl:4: duplicate id 1 \(first on line 1\)"):
+        gen.load_records(path)
+    _write_jsonl(path, [{"prompt": "a"}, "", {"prompt": "b"}])
+    assert [r.id for r in gen.load_records(path)] == [1, 3]
 
 
 def test_int_and_string_ids_collide(gen: ModuleType, tmp_path: Path):
@@ -292,3 +301,88 @@ def test_chat_and_prompt_print_text():
     first = proc.stdout.split("--- [2]")[0].split("\n", 1)[1]
     second = proc.stdout.split("--- [2]")[1].split("\n", 1)[1]
     assert first.strip() and second.strip()
+
+
+# ------------------------------------------------------------------ OpenAI batch files
+def _batch_line(custom_id: str, url: str, body: dict) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+def test_openai_batch_lines_are_read_and_bad_ones_named(gen: ModuleType, tmp_path: Path):
+    batch = sys.modules["_openai_batch"]
+    path = tmp_path / "batch.jsonl"
+    _write_jsonl(path, [
+        _batch_line("a", CHAT, {"messages": []}),
+        "{not json",
+        _batch_line("a", CHAT, {}),
+        {"custom_id": "g", "method": "GET", "url": CHAT, "body": {}},
+        _batch_line("e", "/v1/embeddings", {}),
+        _batch_line("b", COMPLETIONS, "text"),
+        {"method": "POST"},
+    ])  # fmt: skip
+    assert batch.is_batch_file(path)
+    lines = batch.read_batch(path)
+    assert [b.custom_id for b in lines] == ["a", "(line 2)", "a", "g", "e", "b", "(line 7)"]
+    errors = {b.line: b.error.message for b in lines if b.error is not None}
+    assert lines[0].error is None and set(errors) == {2, 3, 4, 5, 6, 7}
+    assert "not valid JSON" in errors[2] and "duplicate custom_id 'a'" in errors[3]
+    assert "method must be POST" in errors[4] and "url must be one of" in errors[5]
+    assert "body must be a JSON object" in errors[6] and "custom_id must be" in errors[7]
+    records = tmp_path / "records.jsonl"
+    _write_jsonl(records, [{"prompt": "x"}])
+    assert not batch.is_batch_file(records)
+
+
+@pytest.mark.slow
+def test_openai_batch_file_runs_through_the_servers_handling_and_resumes(tmp_path: Path):
+    src, out = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
+    ask = [{"role": "user", "content": "Say hi."}]
+    lines = [
+        _batch_line("chat", CHAT, {"model": MODEL, "messages": ask, "max_tokens": 6,
+                                   "temperature": 0}),
+        _batch_line("cmpl", COMPLETIONS, {"prompt": "The capital of France is", "max_tokens": 5,
+                                          "temperature": 0}),
+        "{broken",
+        _batch_line("invalid", COMPLETIONS, {"prompt": "x", "temperature": -1}),
+        _batch_line("chat", CHAT, {"messages": ask}),
+        _batch_line("json", CHAT, {"messages": ask, "max_tokens": 40, "temperature": 0,
+                                   "response_format": {"type": "json_object"}}),
+        _batch_line("other-model", COMPLETIONS, {"model": "gpt-4", "prompt": "x"}),
+    ]  # fmt: skip
+    _write_jsonl(src, lines)
+    done = {"id": "batch_req_0", "custom_id": "json", "response": {"status_code": 200}}
+    out.write_text(json.dumps(done) + '\n{"id": "batch_req_1", "custom_id": "cmp', "utf-8")
+    proc = _run(*SMALL_ENGINE, "--input", str(src), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "1 already in" in proc.stderr and "6 to run" in proc.stderr
+    assert "2 ok, 4 failed" in proc.stderr
+    entries = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    by_id = {}
+    for e in entries[1:]:
+        assert e["id"].startswith("batch_req_") and set(e) == {"id", "custom_id", "response",
+                                                               "error"}  # fmt: skip
+        by_id.setdefault(e["custom_id"], []).append(e)
+    assert sorted(by_id) == ["(line 3)", "chat", "cmpl", "invalid", "other-model"]
+    assert len(by_id["chat"]) == 2  # the first line ran, its duplicate is an error entry
+    chat_ok, chat_dup = sorted(by_id["chat"], key=lambda e: e["response"]["status_code"])
+    body = chat_ok["response"]["body"]
+    assert chat_ok["error"] is None and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] <= 6
+    assert chat_ok["response"]["request_id"] == body["id"]
+    assert (
+        chat_dup["response"]["status_code"] == 400 and "duplicate" in chat_dup["error"]["message"]
+    )
+    cmpl = by_id["cmpl"][0]["response"]["body"]
+    assert cmpl["object"] == "text_completion" and cmpl["usage"]["completion_tokens"] == 5
+    invalid = by_id["invalid"][0]
+    assert invalid["response"]["status_code"] == 400
+    assert invalid["response"]["body"]["error"]["param"] == "temperature"
+    assert "temperature must be >= 0" in invalid["error"]["message"]
+    assert by_id["other-model"][0]["response"]["status_code"] == 404
+    # A rerun has nothing left: every line is in the output once.
+    again = _run(*SMALL_ENGINE, "--input", str(src), "--output", str(out), timeout=120)
+    assert again.returncode == 0 and "0 to run" in again.stderr, again.stderr[-2000:]
+    assert len(out.read_text("utf-8").splitlines()) == len(entries)

@@ -175,6 +175,12 @@ async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    return parse_object(obj, cls)
+
+
+def parse_object(obj: Any, cls: type[BaseModel]) -> Any:
+    """A decoded body as `cls`, or the API error the server answers it with (batch files'
+    lines go through here too)."""
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
     check_json(obj)

@@ -100,12 +100,13 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
 class Submitted:
     """A request's engine streams, merged into one queue of (prompt index, newest output)."""
 
-    def __init__(self, engine: AsyncEngine, streams: list[Any], request: Request) -> None:
+    def __init__(self, engine: AsyncEngine, streams: list[Any], request: Request | None) -> None:
         self.engine = engine
         self.streams = streams
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
-        self.tasks.append(asyncio.create_task(self._watch(request)))
+        if request is not None:  # (None: no client to watch, as in a batch file)
+            self.tasks.append(asyncio.create_task(self._watch(request)))
 
     async def _pump(self, i: int, stream: Any) -> None:
         try:
@@ -322,7 +323,7 @@ class Serving:
         except (ShuttingDownError, EngineDeadError) as e:
             raise APIError(503, str(e), code="unavailable") from None
 
-    def start(self, gen: Generation, request: Request) -> Submitted:
+    def start(self, gen: Generation, request: Request | None) -> Submitted:
         """Submits every prompt of `gen` now (so admission errors are still a status code) and
         starts watching the connection: a client that leaves has its requests aborted at once,
         even before its response has begun."""
