@@ -386,3 +386,26 @@ def test_openai_batch_file_runs_through_the_servers_handling_and_resumes(tmp_pat
     again = _run(*SMALL_ENGINE, "--input", str(src), "--output", str(out), timeout=120)
     assert again.returncode == 0 and "0 to run" in again.stderr, again.stderr[-2000:]
     assert len(out.read_text("utf-8").splitlines()) == len(entries)
+
+
+@pytest.mark.slow
+def test_ray_actors_give_the_single_process_results_line_for_line(tmp_path: Path):
+    pytest.importorskip("ray.data", reason="the ray extra is not installed")
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, [
+        {"prompt": "The capital of France is"},
+        {"messages": [{"role": "user", "content": "Say hi."}]},
+        {"id": "sampled", "prompt": "Once upon a time", "n": 2, "temperature": 0.8, "seed": 3},
+        {"prompt_token_ids": [504, 3575, 282, 4649, 314], "max_tokens": 4},
+        {"prompt": "def f(x):", "stop": ["\n\n"]},
+    ])  # fmt: skip
+    results = {}
+    for name, extra in (("single", []), ("ray", ["--ray-actors", "2", "--batch-size", "2"])):
+        out = tmp_path / f"{name}.jsonl"
+        proc = _run(*SMALL_ENGINE, "--temperature", "0", "--input", str(src), "--output",
+                    str(out), *extra)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        lines = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+        results[name] = {str(r["id"]): r for r in lines}
+    assert "on 2 Ray actors" in proc.stderr
+    assert results["ray"] == results["single"] and len(results["ray"]) == 5
