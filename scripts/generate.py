@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,11 @@ def run_file(args: argparse.Namespace) -> int:
     if args.ray_actors:
         return run_ray(args, records, pending, out_path)
 
-    written = 0
+    written = tokens_in = tokens_out = 0
+    t0 = time.perf_counter()
     try:
         llm = build_llm(args)
+        t0 = time.perf_counter()  # (generation, not loading)
         try:
             check_prompts(llm, pending, str(in_path))
         except InputError as e:
@@ -190,6 +193,8 @@ def run_file(args: argparse.Namespace) -> int:
                 out.flush()
                 os.fsync(out.fileno())
                 written += len(batch)
+                tokens_in += sum(len(o.prompt_token_ids) for o in results)
+                tokens_out += sum(len(c.token_ids) for o in results for c in o.outputs)
                 bar.update(len(batch))
     except KeyboardInterrupt:
         log.warning(
@@ -201,7 +206,11 @@ def run_file(args: argparse.Namespace) -> int:
             out_path,
         )
         return 130
-    log.info("wrote %d record(s) to %s", written, out_path)
+    wall = time.perf_counter() - t0
+    log.info(
+        "wrote %d record(s) to %s: %d prompt and %d completion tokens in %.1f s (%.1f tok/s)",
+        written, out_path, tokens_in, tokens_out, wall, tokens_out / max(wall, 1e-9),
+    )  # fmt: skip
     return 0
 
 
@@ -210,7 +219,6 @@ def run_ray(
 ) -> int:
     """Records through `jinfer.ray_data` on `--ray-actors` actors; returns the exit status."""
     import dataclasses
-    import time
 
     from tqdm.auto import tqdm
 
@@ -288,7 +296,6 @@ def run_ray(
 def run_openai_batch(args: argparse.Namespace, in_path: Path, out_path: Path) -> int:
     """An OpenAI batch file (`_openai_batch.py`); returns the exit status."""
     import asyncio
-    import time
 
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
