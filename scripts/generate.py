@@ -195,6 +195,7 @@ def run_file(args: argparse.Namespace) -> int:
                 written += len(batch)
                 tokens_in += sum(len(o.prompt_token_ids) for o in results)
                 tokens_out += sum(len(c.token_ids) for o in results for c in o.outputs)
+                bar.set_postfix(tok_s=f"{tokens_out / (time.perf_counter() - t0):.1f}")
                 bar.update(len(batch))
     except KeyboardInterrupt:
         log.warning(
