@@ -87,3 +87,9 @@ def test_a_call_cut_short_is_not_finished_as_a_call():
     _, got, reason, _ = _replay("auto", "xlam", text, finish="length")
     assert reason is None  # the choice's own finish reason ("length") stands
     assert got == [("get_weather", '{"city": "Par')]  # what was streamed, no more
+
+
+def test_tool_choice_none_streams_plain_text():
+    text = tool_parsers.get("xlam").format_calls(CALLS)
+    content, got, reason, _ = _replay("none", "xlam", text)
+    assert content == text and got == [] and reason is None

@@ -62,6 +62,8 @@ class ToolStream:
         reason to send, None: the choice's own) for the choice's `text` (`visible`: the part
         stop strings let out)."""
         c = self.calling
+        if not c.active:  # tool_choice "none": plain text
+            return visible, [], None
         if c.mode == "auto":
             content = c.parser.content_prefix(visible)
             region = len(content) if len(content) < len(text) else None
