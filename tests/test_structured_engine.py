@@ -61,7 +61,6 @@ def _params(**kw) -> SamplingParams:
     ids=["greedy", "sampled", "top-k-top-p", "min-p-penalties", "n3-logprobs"],
 )
 def test_json_schema_output_follows_the_schema_with_any_sampling(llm, settings):
-    c0 = llm.engine.num_compiles
     outs = llm.generate(PROMPTS, _params(structured_outputs=JSON, **settings), use_tqdm=False)
     for out in outs:
         for o in out.outputs:
@@ -69,7 +68,25 @@ def test_json_schema_output_follows_the_schema_with_any_sampling(llm, settings):
             _follows_schema(o.text)
             if o.logprobs is not None:  # the model's own distribution: finite
                 assert all(-1e9 < lp.logprob <= 0 for entry in o.logprobs for lp in entry.values())
-    assert llm.engine.num_compiles == c0
+
+
+def test_no_program_compiles_after_warm_up_whatever_the_mix(make_tiny_llm):
+    # Its own engine, warmed up here: the suite may drop compiled programs between tests.
+    llm = make_tiny_llm()
+    compiles = llm.engine.num_compiles
+    mix = [
+        _params(structured_outputs=JSON),
+        _params(structured_outputs=JSON, temperature=0.9, top_k=20, top_p=0.9, seed=1),
+        _params(structured_outputs=JSON, temperature=1.0, repetition_penalty=1.3, seed=2),
+        _params(max_tokens=20, ignore_eos=True),
+        _params(max_tokens=20, temperature=1.0, top_p=0.5, seed=3, ignore_eos=True),
+        _params(structured_outputs=JSON, n=2, temperature=1.0, seed=5, logprobs=2),
+        _params(max_tokens=20, allowed_token_ids=list(range(100, 200)), temperature=1.0, seed=4),
+        _params(max_tokens=20, presence_penalty=0.5, ignore_eos=True),
+    ]
+    llm.generate(PROMPTS * 2, mix, use_tqdm=False)
+    llm.generate(PROMPTS, [mix[0], mix[3], mix[1], mix[6]], use_tqdm=False)
+    assert llm.engine.num_compiles == compiles
 
 
 def test_regex_and_choice_outputs_match(llm):
