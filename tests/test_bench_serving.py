@@ -18,6 +18,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_serving.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # as running it does: its own modules (_workloads)
     spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_serving"] = module  # its dataclasses look their module up
