@@ -22,11 +22,14 @@ goes on (a line whose custom_id cannot be read is named `"(line N)"`). Rerunning
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
 import logging
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -197,3 +200,64 @@ class BatchRunner:
             return 200, await serving.collect(gen, serving.start(gen, None))
         except APIError as e:
             return e.status, e.body()
+
+
+def run_file(
+    args: argparse.Namespace, in_path: Path, out_path: Path, build_llm: Any, setup_error: type
+) -> int:
+    """generate.py's run of an OpenAI batch file (`build_llm(args)` loads the model, raising
+    `setup_error` for a bad command line); returns the exit status."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    lines = read_batch(in_path)
+    done = done_ids(out_path)
+    pending = [b for b in lines if b.custom_id not in done]
+    log.info(
+        "%d requests in %s (OpenAI batch format): %d already in %s, %d to run",
+        len(lines), in_path, len(lines) - len(pending), out_path, len(pending),
+    )  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not pending:
+        out_path.touch()
+        return 0
+    try:
+        llm = build_llm(args)
+    except setup_error as e:
+        log.error("%s", e)
+        return 2
+    runner = BatchRunner(llm, args.model, args.batch_size)
+    t0 = time.perf_counter()
+    with (
+        open(out_path, "a", encoding="utf-8") as out,
+        logging_redirect_tqdm(),
+        tqdm(
+            total=len(lines), initial=len(lines) - len(pending), desc="requests", unit="req",
+            file=sys.stderr, disable=args.no_progress,
+        ) as bar,
+    ):  # fmt: skip
+
+        def write(entry: dict[str, Any]) -> None:
+            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(1)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(tok_s=f"{runner.completion_tokens / elapsed:.1f}", failed=runner.failed)
+
+        try:
+            asyncio.run(runner.run(pending, write))
+        except KeyboardInterrupt:
+            log.warning(
+                "interrupted: %d request(s) written this run; rerun the same command to resume",
+                runner.ok + runner.failed,
+            )
+            return 130
+    wall = time.perf_counter() - t0
+    log.info(
+        "%d ok, %d failed; %d prompt and %d completion tokens in %.1f s (%.1f output tok/s); "
+        "results in %s",
+        runner.ok, runner.failed, runner.prompt_tokens, runner.completion_tokens, wall,
+        runner.completion_tokens / wall, out_path,
+    )  # fmt: skip
+    return 0

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import _openai_batch
+import _ray_batch
 from _records import (
     SEED_RANGE,
     InputError,
@@ -121,7 +122,7 @@ def run_file(args: argparse.Namespace) -> int:
             if args.ray_actors:
                 log.error("--ray-actors runs jinfer's record format; OpenAI batch files run here")
                 return 2
-            return run_openai_batch(args, in_path, out_path)
+            return _openai_batch.run_file(args, in_path, out_path, build_llm, SetupError)
     except OSError as e:
         log.error("%s", e)
         return 2
@@ -153,7 +154,7 @@ def run_file(args: argparse.Namespace) -> int:
         out_path.touch()
         return 0
     if args.ray_actors:
-        return run_ray(args, records, pending, out_path)
+        return _ray_batch.run_file(args, records, pending, out_path)
 
     written = tokens_in = tokens_out = 0
     t0 = time.perf_counter()
@@ -211,145 +212,6 @@ def run_file(args: argparse.Namespace) -> int:
     log.info(
         "wrote %d record(s) to %s: %d prompt and %d completion tokens in %.1f s (%.1f tok/s)",
         written, out_path, tokens_in, tokens_out, wall, tokens_out / max(wall, 1e-9),
-    )  # fmt: skip
-    return 0
-
-
-def run_ray(
-    args: argparse.Namespace, records: Sequence[Record], pending: Sequence[Record], out_path: Path
-) -> int:
-    """Records through `jinfer.ray_data` on `--ray-actors` actors; returns the exit status."""
-    import dataclasses
-
-    from tqdm.auto import tqdm
-
-    try:
-        import ray
-    except ImportError:
-        log.error("--ray-actors needs Ray Data: pip install 'jinfer[ray]'")
-        return 2
-    from jinfer import CompletionOutput, RequestOutput
-    from jinfer.ray_data import build_processor
-
-    asking = next((r for r in pending if r.params.logprobs is not None), None)
-    if asking is not None:
-        log.error("line %d: logprobs are not returned through Ray (run without --ray-actors)",
-                  asking.line)  # fmt: skip
-        return 2
-    options = engine_options(args)
-    model = options.pop("model")
-    rows = [
-        {
-            "row": i,
-            "prompt": r.prompt or "",
-            "messages": json.dumps(r.messages) if r.messages else "",
-            "prompt_token_ids": json.dumps(r.prompt_token_ids) if r.prompt_token_ids else "",
-            "sampling_params": json.dumps(dataclasses.asdict(r.params)),
-        }
-        for i, r in enumerate(pending)
-    ]
-    ray.init(address=args.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    t0, written, tokens = time.perf_counter(), 0, 0
-    process = build_processor(model, args.ray_actors, args.batch_size, **options)
-    results = process(ray.data.from_items(rows))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(out_path, "a", encoding="utf-8") as out,
-        tqdm(total=len(records), initial=len(records) - len(pending), desc="records",
-             unit="rec", file=sys.stderr, disable=args.no_progress) as bar,
-    ):  # fmt: skip
-        try:
-            for batch in results.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
-                lines = []
-                for j, row in enumerate(batch["row"]):
-                    record = pending[int(row)]
-                    outputs = [
-                        CompletionOutput(k, text, ids, finish_reason=reason)
-                        for k, (text, ids, reason) in enumerate(zip(
-                            json.loads(batch["generated_text"][j]),
-                            json.loads(batch["generated_token_ids"][j]),
-                            json.loads(batch["finish_reason"][j]), strict=True,
-                        ))
-                    ]  # fmt: skip
-                    prompt_ids = [0] * int(batch["num_input_tokens"][j])  # (only its length)
-                    out_ = RequestOutput(str(record.id), record.prompt, prompt_ids, outputs, True)
-                    lines.append(json.dumps(output_record(record, out_), ensure_ascii=False))
-                    tokens += int(batch["num_generated_tokens"][j])
-                out.write("".join(line + "\n" for line in lines))
-                out.flush()
-                os.fsync(out.fileno())
-                written += len(lines)
-                bar.update(len(lines))
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
-        except KeyboardInterrupt:
-            log.warning("interrupted: %d record(s) written this run; rerun to resume", written)
-            return 130
-        finally:
-            ray.shutdown()
-    wall = time.perf_counter() - t0
-    log.info(
-        "wrote %d record(s) to %s on %d Ray actors: %d output tokens in %.1f s (%.1f tok/s)",
-        written, out_path, args.ray_actors, tokens, wall, tokens / wall,
-    )  # fmt: skip
-    return 0
-
-
-def run_openai_batch(args: argparse.Namespace, in_path: Path, out_path: Path) -> int:
-    """An OpenAI batch file (`_openai_batch.py`); returns the exit status."""
-    import asyncio
-
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    lines = _openai_batch.read_batch(in_path)
-    done = _openai_batch.done_ids(out_path)
-    pending = [b for b in lines if b.custom_id not in done]
-    log.info(
-        "%d requests in %s (OpenAI batch format): %d already in %s, %d to run",
-        len(lines), in_path, len(lines) - len(pending), out_path, len(pending),
-    )  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if not pending:
-        out_path.touch()
-        return 0
-    try:
-        llm = build_llm(args)
-    except SetupError as e:
-        log.error("%s", e)
-        return 2
-    runner = _openai_batch.BatchRunner(llm, args.model, args.batch_size)
-    t0 = time.perf_counter()
-    with (
-        open(out_path, "a", encoding="utf-8") as out,
-        logging_redirect_tqdm(),
-        tqdm(
-            total=len(lines), initial=len(lines) - len(pending), desc="requests", unit="req",
-            file=sys.stderr, disable=args.no_progress,
-        ) as bar,
-    ):  # fmt: skip
-
-        def write(entry: dict[str, Any]) -> None:
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-            bar.update(1)
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(tok_s=f"{runner.completion_tokens / elapsed:.1f}", failed=runner.failed)
-
-        try:
-            asyncio.run(runner.run(pending, write))
-        except KeyboardInterrupt:
-            log.warning(
-                "interrupted: %d request(s) written this run; rerun the same command to resume",
-                runner.ok + runner.failed,
-            )
-            return 130
-    wall = time.perf_counter() - t0
-    log.info(
-        "%d ok, %d failed; %d prompt and %d completion tokens in %.1f s (%.1f output tok/s); "
-        "results in %s",
-        runner.ok, runner.failed, runner.prompt_tokens, runner.completion_tokens, wall,
-        runner.completion_tokens / wall, out_path,
     )  # fmt: skip
     return 0
 
