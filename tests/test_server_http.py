@@ -37,6 +37,28 @@ def test_completion_text_usage_and_finish_reason(client, tok):
     assert r.usage.total_tokens == n_prompt + 7
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server, tok):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = tok.encode(prompt)
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, extra_body={"truncate_prompt_tokens": 3}
+    )
+    assert r.usage.prompt_tokens == 3
+    assert r.choices[0].text == tok.decode(echo_tokens(ids[-3:], 5))
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, extra_body={"truncate_prompt_tokens": 4}
+    )
+    assert chat.usage.prompt_tokens == 4
+    assert chat.choices[0].message.content == tok.decode(
+        echo_tokens(chat_prompt_ids(tok, messages)[-4:], 4)
+    )
+    for bad in (0, -2, 10**6):
+        body = {"model": MODEL, "prompt": prompt, "truncate_prompt_tokens": bad}
+        e = httpx.post(server.url + "/v1/completions", json=body)
+        assert e.status_code == 400 and e.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_completion_accepts_token_ids_and_prompt_lists(client, tok):
     ids = tok.encode("Once upon a time")
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=5)

@@ -49,7 +49,6 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "function_call": (_no_tool_choice, "the deprecated function_call field (use tool_choice)"),
     "use_beam_search": (_absent, "beam search"),
     "prompt_logprobs": (_absent, "prompt logprobs"),
-    "truncate_prompt_tokens": (_absent, "prompt truncation"),
     "continue_final_message": (_absent, "continuing the final message"),
     "chat_template": (_absent, "per-request chat templates"),
     "chat_template_kwargs": (_absent, "chat template arguments"),
@@ -133,6 +132,7 @@ class _SamplingFields(BaseModel):
     guided_decoding_backend: str | None = None  # one backend here (llguidance): ignored
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: context)
 
     def structured_field(self) -> str:
         """The body's field that asks for structured output (where its errors point)."""

@@ -186,7 +186,11 @@ class Serving:
                 param,
             )
 
-    def _encode_prompt(self, prompt: str | list[int], param: str) -> list[int]:
+    def _encode_prompt(
+        self, prompt: str | list[int], param: str, truncate: int | None = None
+    ) -> list[int]:
+        """The prompt's token ids, checked; `truncate` (vLLM's truncate_prompt_tokens): keep
+        only its last that many (-1: the last max_model_len)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("prompt is empty", param)
@@ -194,10 +198,22 @@ class Serving:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
+        if truncate is not None:
+            ids = ids[-(self.max_model_len if truncate == -1 else truncate) :]
         try:
             return self.engine.engine.validate_prompt(ids)
         except ValueError as e:
             raise bad_request(str(e), param) from None
+
+    def _truncation(self, body: Any) -> int | None:
+        k = body.truncate_prompt_tokens
+        if k is not None and (k == 0 or k < -1 or k > self.max_model_len):
+            raise bad_request(
+                f"truncate_prompt_tokens must be -1 (the context, {self.max_model_len}) or in "
+                f"[1, {self.max_model_len}], got {k}",
+                "truncate_prompt_tokens",
+            )
+        return k
 
     def _sampling_params(
         self,
@@ -272,11 +288,13 @@ class Serving:
             raise bad_request("best_of is not supported (use n)", "best_of")
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+        truncate = self._truncation(body)
         raw = body.prompts()
         if not raw:
             raise bad_request("prompt is empty: give a string, strings or token ids", "prompt")
         prompts = [
-            (self._encode_prompt(p, "prompt"), p if isinstance(p, str) else None) for p in raw
+            (self._encode_prompt(p, "prompt", truncate), p if isinstance(p, str) else None)
+            for p in raw
         ]
         longest = max(len(ids) for ids, _ in prompts)
         max_tokens = resolve_max_tokens(body.max_tokens, longest, self.max_model_len)
@@ -292,7 +310,7 @@ class Serving:
         tools = self._tool_calling(body)
         listed = tools.tools if tools is not None and tools.active else None
         ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt, listed)
-        ids = self._encode_prompt(ids, "messages")
+        ids = self._encode_prompt(ids, "messages", self._truncation(body))
         requested = body.max_completion_tokens or body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
