@@ -112,12 +112,11 @@ class LLM:
         # Validate everything before queueing anything: a bad prompt costs no other prompt.
         encoded = [self._encode(p) for p in prompts]
         encoded = [(self.engine.validate_prompt(ids), text) for ids, text in encoded]
-        for params in params_list:
-            self.engine.validate_params(params)
+        grammars = [self.engine.validate_params(params) for params in params_list]
         ids_in_order = []
-        for (ids, text), params in zip(encoded, params_list, strict=True):
+        for (ids, text), params, grammar in zip(encoded, params_list, grammars, strict=True):
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, ids, params, prompt=text)
+            self.engine.add_request(request_id, ids, params, prompt=text, grammar=grammar)
             ids_in_order.append(request_id)
         return self._run(ids_in_order, use_tqdm)
 

@@ -327,8 +327,8 @@ class Sampler:
             if self._masks is None:
                 self._masks = MaskFiller()
             self._masks.fill(bitmask, matched)
-        for s, i in guarded:
-            s.guards.apply(bitmask[i], s.known_output_token_ids())
+        for s, i in guarded:  # (the output is read, and copied, only for bad words' starts)
+            s.guards.apply(bitmask[i], s.known_output_token_ids() if s.guards.needs_history else [])
         return bitmask
 
     def warmup(self, logits: jax.Array) -> jax.Array:
