@@ -72,7 +72,8 @@ class SamplingParams:
     `cache_salt` keeps the request's KV pages apart in the prefix cache: only requests with the
     same salt (or all without one) share cached pages, so tenants cannot time each other's hits.
     `structured_outputs` constrains the output to a JSON schema, a regex, a choice or a grammar
-    (`jinfer.structured.StructuredOutputsParams`, or a dict of its fields).
+    (`StructuredOutputsParams`, below, or a dict of its fields); `allowed_token_ids` and
+    `bad_words` narrow what may be generated through the same token mask.
     """
 
     n: int = 1

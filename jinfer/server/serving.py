@@ -164,10 +164,10 @@ class Serving:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = async_engine.engine.config.max_model_len
-        self.tool_call_parser = tool_call_parser  # None: "auto" tool choice is refused
         # Prompts list tools in the parser's format (hermes' without one: required and named
         # choices are constrained, so they parse whatever the format).
         self.tool_format = tool_parsers.get(tool_call_parser or "hermes")
+        # "auto" needs a parser to read what the model wrote
         self.enable_auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Serving per server, bounded cache
