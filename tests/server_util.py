@@ -213,3 +213,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+
+
+def serve_real_model(*args: str) -> Any:
+    """The real-model test modules' server: SmolLM2 with small batches, stopped (exit 0 checked)
+    when the module is done. Use as `yield from serve_real_model()` in a module fixture."""
+    s = ServerProcess(
+        "--max-model-len", "1024", "--max-num-batched-tokens", "64", "--max-num-seqs", "8", *args
+    )  # fmt: skip
+    yield s
+    assert s.stop() == 0

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-from server_util import ServerProcess, wait_until
+from server_util import ServerProcess, serve_real_model, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +21,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = ServerProcess(
-        "--max-model-len", "1024", "--max-num-batched-tokens", "64", "--max-num-seqs", "8"
-    )  # fmt: skip
-    yield s
-    assert s.stop() == 0
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+def server():  # (conftest's `client` talks to it)
+    yield from serve_real_model()
 
 
 def test_greedy_completion_matches_transformers(client, smollm2_tokenizer):

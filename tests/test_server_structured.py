@@ -11,7 +11,7 @@ import re
 import openai
 import pydantic
 import pytest
-from server_util import ServerProcess
+from server_util import serve_real_model
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +27,8 @@ class User(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = ServerProcess(
-        "--max-model-len", "1024", "--max-num-batched-tokens", "64", "--max-num-seqs", "8"
-    )  # fmt: skip
-    yield s
-    assert s.stop() == 0
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+def server():  # (conftest's `client` talks to it)
+    yield from serve_real_model()
 
 
 def test_chat_json_schema_answer_validates(client):
