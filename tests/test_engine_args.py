@@ -42,6 +42,8 @@ def test_flags_reach_the_options():
         (["--max-num-seqs", "0"], "--max-num-seqs"),
         (["--num-pages", "-3"], "--num-pages"),
         (["--kv-cache-memory-gb", "0"], "--kv-cache-memory-gb"),
+        (["--nnodes", "2", "--node-rank", "3"], "--node-rank"),
+        (["--nnodes", "2", "--tensor-parallel-size", "2"], "--dist-init-addr"),
     ],
 )
 def test_out_of_range_values_name_their_flag(argv, flag, capsys):
@@ -60,6 +62,15 @@ def test_out_of_range_values_name_their_flag(argv, flag, capsys):
         (dict(dtype="float8"), "dtype must be one of auto, float32"),
         (dict(warmup="yes"), "warmup must be true or false"),
         (dict(kv_cache_memory_gb=-1.0), "kv_cache_memory_gb must be positive"),
+        (dict(nnodes=2, node_rank=2), "node_rank must be below nnodes=2, got 2"),
+        (dict(nnodes=2), "dist_init_addr must be set"),
+        (dict(nnodes=2, dist_init_addr="localhost"), "dist_init_addr must be HOST:PORT"),
+        (dict(nnodes=2, dist_init_addr="h:99999"), "dist_init_addr must be HOST:PORT"),
+        (dict(nnodes=2, dist_init_addr="h:1", warmup=False), "warmup must be on"),
+        (
+            dict(nnodes=2, dist_init_addr="h:1", tensor_parallel_size=3),
+            "tensor_parallel_size must be a multiple of nnodes=2",
+        ),
     ],
 )
 def test_a_value_an_option_does_not_take_is_named(options, match):

@@ -200,6 +200,19 @@ class EngineConfig:
     warmup: bool = option(
         True, "compile every batch shape up front (off: each compiles on first use)"
     )
+    # One model over several processes (SGLang's names): rank 0 schedules and serves, the
+    # others run the same programs on their devices (jinfer/distributed/multihost.py).
+    nnodes: int = option(1, "processes (hosts) the model spans", minimum=1)
+    node_rank: int = option(0, "this process's rank among --nnodes (0: the leader)", minimum=0)
+    dist_init_addr: str | None = option(
+        None,
+        "HOST:PORT of rank 0, where every rank meets (jax.distributed's coordinator on PORT, "
+        "the step channel on PORT+1); needed when nnodes > 1",
+        type=str,
+    )
+    dist_timeout: float = option(
+        300.0, "seconds a rank waits for the others to join before it gives up", positive=True
+    )
 
     def __post_init__(self) -> None:
         for name, (field, opt) in options().items():
@@ -207,10 +220,15 @@ class EngineConfig:
             _check(name, value, field.default, opt)
             if value is not None and opt.type in (int, float):
                 object.__setattr__(self, name, opt.type(value))  # numpy scalars -> Python
+        _check_group(self)
 
     @property
     def is_resolved(self) -> bool:
-        return not any(getattr(self, f.name) in (None, "auto") for f in dataclasses.fields(self))
+        return not any(
+            getattr(self, name) in (None, "auto")
+            for name, (_, opt) in options().items()
+            if opt.resolve is not None
+        )
 
     def resolve(self, model: ModelConfig, platform: str) -> EngineConfig:
         """Every `auto` and None settled for `model` on `platform` ("cpu", "gpu", "tpu"), and
@@ -251,6 +269,31 @@ def _check(name: str, value: Any, default: Any, opt: Option) -> None:
         raise OptionError(name, f"must be at least {opt.minimum}, got {value}")
     if opt.positive and value <= 0:
         raise OptionError(name, f"must be positive, got {value}")
+
+
+def _check_group(c: EngineConfig) -> None:
+    """OptionError for a multi-process configuration that cannot start (before anything loads)."""
+    if c.node_rank >= c.nnodes:
+        raise OptionError("node_rank", f"must be below nnodes={c.nnodes}, got {c.node_rank}")
+    if c.nnodes == 1:
+        return
+    if c.dist_init_addr is None:
+        raise OptionError(
+            "dist_init_addr", f"must be set (HOST:PORT of rank 0) when nnodes={c.nnodes}"
+        )
+    host, _, port = c.dist_init_addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise OptionError("dist_init_addr", f"must be HOST:PORT, got {c.dist_init_addr!r}")
+    if not c.warmup:
+        raise OptionError(
+            "warmup", "must be on when nnodes > 1 (every rank builds the same programs)"
+        )
+    if c.tensor_parallel_size % c.nnodes:
+        raise OptionError(
+            "tensor_parallel_size",
+            f"must be a multiple of nnodes={c.nnodes} (each process holds an equal share of the "
+            f"devices), got {c.tensor_parallel_size}",
+        )
 
 
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
