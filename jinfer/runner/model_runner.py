@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,9 @@ from jinfer.config.cache import SCRATCH_PAGE, pages_for
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models.params import Params
-from jinfer.runner import steps
+from jinfer.runner import packing, steps
 from jinfer.runner.buckets import Placement, place, region_a, token_buckets
+from jinfer.runner.mirror import StepMirror
 from jinfer.sample.sampler import PendingSamples, Sampler
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence
@@ -114,8 +116,15 @@ class ModelRunner:
         self._written: dict[int, tuple[list[int], int]] = {}  # slot -> (table, length written)
         self.sampler = Sampler(self.max_model_len, self.max_num_seqs, platform != "cpu")
         self._idle_tokens: jax.Array | None = None  # [R] from the sampler (set by warm-up)
+        self._last_tokens: jax.Array | None = None  # [R] the last sampler's `next_tokens`
+        self.mirror: StepMirror | None = None  # a process group's leader: followers run it too
         self.compile_unit = config.compile_unit  # "step" or "layer"
         self._layer_kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))
+
+    def mirror_to(self, group: Any) -> None:
+        """Makes this the leader of `group` (a `distributed.multihost.ProcessGroup`): from the
+        end of warm-up on, every program it dispatches is sent to the followers."""
+        self.mirror = self.sampler.mirror = StepMirror(group)
 
     # ------------------------------------------------------------------ inputs
     def _place(self, plan: StepPlan) -> Placement:
@@ -244,6 +253,7 @@ class ModelRunner:
         """Dispatches the sampling of a dispatched forward pass; returns at once."""
         t0 = time.perf_counter()
         samples = self.sampler.sample(step.logits, step.seqs)
+        self._last_tokens = samples.next_tokens
         host_time = step.host_time + time.perf_counter() - t0
         return DispatchedStep(step.seqs, samples, step.bucket, host_time)
 
@@ -267,11 +277,37 @@ class ModelRunner:
         prev_tokens: jax.Array,  # [R] int32
         num_layers: int | None = None,  # layer programs: run only the first n layers (warm-up)
     ) -> jax.Array:  # [rows, V] float32
-        logits, self.cache = steps.forward(
-            self.params, self.cfg, self.cache, inputs, prev_tokens, self.compile_unit,
-            self._layer_kinds, num_layers,
+        layout, ibuf, fbuf = packing.pack(inputs)
+        if self.mirror is not None:
+            if prev_tokens is self._idle_tokens or self._idle_tokens is None:
+                prev = "idle"
+            elif prev_tokens is self._last_tokens:
+                prev = "last"
+            else:
+                raise RuntimeError("a step reads tokens from neither the last step nor warm-up")
+            self.mirror.forward(layout, ibuf, fbuf, prev, num_layers)
+        return self.run_forward(layout, ibuf, fbuf, prev_tokens, num_layers)
+
+    def run_forward(
+        self,
+        layout: packing.Layout,
+        ibuf: np.ndarray,  # [Ni] int32
+        fbuf: np.ndarray,  # [Nf] float32
+        prev_tokens: jax.Array,  # [R] int32
+        num_layers: int | None = None,
+    ) -> jax.Array:  # [rows, V] float32
+        """Dispatches a forward pass of packed inputs (a process group's followers call it
+        with the leader's)."""
+        logits, self.cache = steps.forward_packed(
+            self.params, self.cfg, self.cache, layout, ibuf, fbuf, prev_tokens,
+            self.compile_unit, self._layer_kinds, num_layers,
         )  # fmt: skip
         return logits
+
+    @property
+    def idle_tokens(self) -> jax.Array:  # [R] int32
+        """What a step that reads no previous tokens gets (a sampler's output, from warm-up)."""
+        return self._prev_tokens(None)
 
     def _warmup_layers(self) -> int | None:
         """How many layers a warm-up step must run for every program to be compiled: with
@@ -301,6 +337,8 @@ class ModelRunner:
             logits = self._forward(inputs, self._idle_tokens, num_layers=num_layers)
             if not decode_only:  # the sampler's programs depend on the rows alone
                 self.sampler.warmup(logits)
+        if self.mirror is not None:
+            self.mirror.end_warmup()
         elapsed = time.perf_counter() - t0
         log.info("warm-up compiled %d step programs in %.1f s", len(programs), elapsed)
         return elapsed

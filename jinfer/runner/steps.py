@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jinfer.attention.kv_cache import KVCache
 from jinfer.config.model import LayerKind, ModelConfig
@@ -80,6 +81,25 @@ def forward(
 ) -> tuple[jax.Array, KVCache]:  # logits [rows, V] float32, the updated cache
     """Dispatches one step's forward pass (it returns before the device is done)."""
     layout, ibuf, fbuf = packing.pack(inputs)
+    return forward_packed(
+        params, cfg, cache, layout, ibuf, fbuf, prev_tokens, compile_unit, layer_kinds, num_layers
+    )
+
+
+def forward_packed(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    layout: packing.Layout,  # of the step's inputs, as `forward` takes them
+    ibuf: np.ndarray,  # [Ni] int32
+    fbuf: np.ndarray,  # [Nf] float32
+    prev_tokens: jax.Array,  # [R] int32
+    compile_unit: str,
+    layer_kinds: tuple[LayerKind, ...],
+    num_layers: int | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """`forward` of inputs packed already (the runner packs them once, for a process group's
+    followers too)."""
     if compile_unit == "step":
         return _forward_step(params, cfg, layout, ibuf, fbuf, prev_tokens, cache)
     ibuf, fbuf = jax.device_put((ibuf, fbuf))  # once, not once per layer

@@ -21,6 +21,7 @@ program built for a full-width token mask, any other the one for a stub.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,7 @@ class Sampler:
         # program branch on the device (CPU).
         self.decide_on_host = decide_on_host
         self._masks: MaskFiller | None = None  # llguidance's threads, from the first constraint
+        self.mirror: Any = None  # a process group's leader's `StepMirror` (runner/mirror.py)
 
     def sample(self, logits: jax.Array, seqs: list[Sequence]) -> PendingSamples:
         """Dispatches sampling for `seqs` (rows 0..len(seqs)-1 of `logits` [rows, V])."""
@@ -358,4 +360,13 @@ class Sampler:
 
     def _run(self, logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
         layout, ibuf, fbuf = packing.pack(batch)
+        if self.mirror is not None:
+            self.mirror.sample(layout, ibuf, fbuf)
+        return self.run_packed(logits, layout, ibuf, fbuf)
+
+    def run_packed(
+        self, logits: jax.Array, layout: packing.Layout, ibuf: np.ndarray, fbuf: np.ndarray
+    ) -> tuple[jax.Array, jax.Array]:
+        """Dispatches the sampler on a packed batch (a process group's followers call it with
+        the leader's): the packed output and `next_tokens`."""
         return _sample_step(logits, layout, ibuf, fbuf, self.max_rows)
