@@ -17,11 +17,13 @@ from typing import Any
 from jinfer import tool_parsers
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
+from jinfer.distributed import multihost
 from jinfer.engine.builder import build_engine
 from jinfer.engine.output_guard import load_guard
 from jinfer.loader import load_weights, named_models
 from jinfer.models.params import Params
 from jinfer.outputs import RequestOutput
+from jinfer.runner.mirror import follow
 from jinfer.sampling_params import SamplingParams
 from jinfer.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from jinfer.tool_parsers import prompt as tool_prompt
@@ -47,8 +49,9 @@ class LLM:
         config = EngineConfig(**options)  # checked before anything loads
         load_guard(config.output_guard)  # (and the output guard it names)
         path = named_models.resolve_model(model)
+        group = multihost.join(config, model) if config.nnodes > 1 else None
         cfg, host_params = load_weights(path)
-        self._setup(cfg, host_params, load_tokenizer(str(path)), config)
+        self._setup(cfg, host_params, load_tokenizer(str(path)), config, group)
         self.tool_format = tool_parsers.DEFAULT_PARSERS.get(model, "hermes")
         self.load_time = time.perf_counter() - t0 - self.warmup_time
         log.info(
@@ -71,13 +74,24 @@ class LLM:
         return llm
 
     def _setup(
-        self, cfg: ModelConfig, host_params: Params, tokenizer: Tokenizer, config: EngineConfig
+        self,
+        cfg: ModelConfig,
+        host_params: Params,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        group: multihost.ProcessGroup | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = cfg
-        self.engine = build_engine(cfg, host_params, tokenizer, config)
+        self.engine = build_engine(cfg, host_params, tokenizer, config, group)
         self.warmup_time = self.engine.warmup_time
         self._ids = itertools.count()
+        if group is not None and not group.is_leader:
+            # The same script runs on every host: a follower serves the leader's steps here,
+            # and its process ends when the leader's does (status 0 after a clean stop).
+            log.info("rank %d: following rank 0's steps", group.rank)
+            follow(self.engine.runner, self.engine.runner.mirror)
+            raise SystemExit(0)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer

@@ -4,6 +4,11 @@
     python -m jinfer.serve --model gemma3-270m --port 9000 --api-key secret
 
 The port opens at once; `/health` answers 503 while the model loads and compiles, then 200.
+One model over several processes (hosts), SGLang's flags: run the same command on every host
+with `--nnodes N --node-rank R --dist-init-addr HOST:PORT` (rank 0's address) and a
+`--tensor-parallel-size` that counts every host's devices; rank 0 serves HTTP, the others
+run its steps (jinfer/distributed/multihost.py).
+
 SIGTERM or Ctrl-C stops admitting, gives in-flight requests `--shutdown-timeout` seconds, ends
 the rest with a final `abort` event, and exits 0. If the engine loop ever dies, its traceback is
 logged, in-flight requests end with an error, and the server exits 1 for a supervisor to restart
@@ -22,6 +27,7 @@ import uvicorn
 
 from jinfer import tool_parsers
 from jinfer.config.cli import add_engine_args, check_engine_args, engine_options
+from jinfer.distributed.multihost import GroupError
 from jinfer.llm import LLM
 
 log = logging.getLogger("jinfer.serve")
@@ -91,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.node_rank > 0:
+        # A follower of a process group: no HTTP server, only the leader's steps, until the
+        # leader stops (exit 0) or is lost (exit 1).
+        log.info("rank %d of %d: following %s", args.node_rank, args.nnodes, args.dist_init_addr)
+        try:
+            LLM(**engine_options(args))  # returns only by SystemExit
+        except GroupError as e:
+            log.error("%s", e)
+            return 1
     parser = args.tool_call_parser or tool_parsers.DEFAULT_PARSERS.get(args.model)
     auto = args.enable_auto_tool_choice
     if auto and parser is None:

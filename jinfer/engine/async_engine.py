@@ -129,6 +129,17 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def fail(self, error: BaseException) -> None:
+        """Declares the engine dead from outside its loop (a lost rank of its process group):
+        every open stream ends with `error`, `/health` turns 503. Call on the event loop."""
+        if self.error is not None:
+            return
+        log.error("engine failed: %s", error)
+        self.error = error
+        self._stop = True
+        self._wake.set()
+        self._fail_all(error)
+
     # --------------------------------------------------------------- requests
     @property
     def num_in_flight(self) -> int:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jinfer.attention.kv_cache import init_cache
 from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
+from jinfer.distributed.multihost import ProcessGroup, group_devices
 from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
 from jinfer.engine.engine import Engine
 from jinfer.models.params import Params
@@ -22,14 +23,22 @@ from jinfer.tokenizer.tokenizer import Tokenizer
 
 
 def build_engine(
-    cfg: ModelConfig, host_params: Params, tokenizer: Tokenizer, config: EngineConfig
+    cfg: ModelConfig,
+    host_params: Params,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+    group: ProcessGroup | None = None,
 ) -> Engine:
     """An `Engine` for `cfg` with `host_params` placed per `config` (resolved here), warmed up
-    unless `config.warmup` is off."""
+    unless `config.warmup` is off. `group`: the processes the model spans (`multihost.join`);
+    on a follower the engine's runner then only runs what the leader sends (`runner/mirror.py`)."""
     enable_persistent_cache()
     bound_compiled_programs()  # before this engine compiles its own
     config = config.resolve(cfg, jax.default_backend())
-    mesh = make_mesh(config.tensor_parallel_size)
+    devices = None
+    if group is not None:
+        devices = group_devices(config.tensor_parallel_size, config.nnodes)
+    mesh = make_mesh(config.tensor_parallel_size, devices)
     params = place_params(host_params, cfg, mesh, jnp.dtype(config.dtype))
     backend = config.backend
     sharding = cache_sharding(cfg, mesh, config.num_pages, config.page_size, backend.layout)
@@ -38,6 +47,9 @@ def build_engine(
         cfg, config.num_pages, config.page_size, stored, sharding, layout=backend.layout
     )
     engine = Engine(cfg, params, cache, tokenizer, config)
+    if group is not None:
+        engine.group = group
+        engine.runner.mirror_to(group)  # (followers record the same table, then follow it)
     if config.warmup:
         engine.warmup()
     return engine

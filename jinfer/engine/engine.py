@@ -90,6 +90,7 @@ class Engine:
         self._arrivals = 0
         self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
         self.grammars = GrammarCompiler(tokenizer)  # structured output's constraints
+        self.group = None  # the processes the model spans, if more than this one (builder.py)
 
     # ---------------------------------------------------------------- requests
     def add_request(

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jinfer
-from jinfer.engine.async_engine import AsyncEngine
+from jinfer.engine.async_engine import AsyncEngine, EngineDeadError
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request, validation_error
 from jinfer.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -82,6 +82,7 @@ class ServerState:
         except BaseException as e:  # noqa: BLE001 - reported by /health, logged here
             log.exception("loading the model failed")
             self.load_error = e
+            self.loop.call_soon_threadsafe(self._on_engine_dead, e)  # exit 1 (or stay: 503)
             return
         self.loop.call_soon_threadsafe(self._on_loaded, engine, tokenizer)
 
@@ -103,7 +104,14 @@ class ServerState:
             enable_auto_tool_choice=self.config.enable_auto_tool_choice,
         )
         self.async_engine = async_engine
+        group = getattr(engine, "group", None)
+        if group is not None:  # a lost rank ends every request in flight, then the process
+            group.on_lost.append(self._on_rank_lost)
         log.info("ready: serving %s", self.config.served_model_name)
+
+    def _on_rank_lost(self, rank: int, reason: str) -> None:  # on the group's thread
+        error = EngineDeadError(f"lost rank {rank} of the process group: {reason}")
+        self.loop.call_soon_threadsafe(self.async_engine.fail, error)
 
     def _on_engine_dead(self, error: BaseException) -> None:
         """The engine loop died (logged there): exit non-zero once the failed streams are sent,
