@@ -7,6 +7,7 @@ The expected texts are computed by hand: the echo model repeats the prompt's tok
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -253,11 +254,19 @@ def test_prefix_cache_hits_show_in_metrics_and_salts_keep_tenants_apart(tok):
         other = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-b"})
         assert other.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
         assert _metric(s, "vllm:prefix_cache_hits_total") == 0  # different salts share nothing
+        assert other.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
         again = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-a"})
         assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
         hits = _metric(s, "vllm:prefix_cache_hits_total")
         assert 0 < hits < n_prompt and hits % 4 == 0  # whole pages, never the last token
-        assert _metric(s, "vllm:prefix_cache_queries_total") == 3 * n_prompt
+        # The client sees its own hit in the usage (OpenAI's prompt_tokens_details), streamed too.
+        assert again.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}
+        streamed = {**body, "cache_salt": "tenant-a", "stream": True}
+        streamed["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=streamed) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}
+        assert _metric(s, "vllm:prefix_cache_queries_total") == 4 * n_prompt
         assert _metric(s, "jinfer:prefix_cache_pages") > 0
         r = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": ""})
         assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"]

@@ -328,11 +328,14 @@ class DetokenizeRequest(BaseModel):
 
 
 # ------------------------------------------------------------------ responses
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage, with `prompt_tokens_details.cached_tokens`: the prompt tokens whose KV
+    came from the prefix cache (what a router's and a client's hit rates are read from)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -364,7 +364,8 @@ class Serving:
                 completion_tokens += len(o.token_ids)
                 choices.append(self._choice(gen, i, out, o, o.text, o.token_ids, chunk=False))
         prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
-        return gen.response(choices, P.usage(prompt_tokens, completion_tokens), chunk=False)
+        cached = sum(final[i].num_cached_tokens for i in range(len(gen.prompts)))
+        return gen.response(choices, P.usage(prompt_tokens, completion_tokens, cached), chunk=False)
 
     async def stream(self, gen: Generation, sub: Submitted) -> AsyncIterator[str]:
         """SSE events: chunks in OpenAI's shape, an optional usage chunk, then `[DONE]`."""
@@ -373,6 +374,7 @@ class Serving:
         sent_text: dict[int, str] = {}
         sent_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
+        cached_tokens: dict[int, int] = {}  # prompt -> its tokens from the prefix cache
         tool_streams: dict[int, ToolStream] = {}  # with tools: content and calls, per choice
 
         def event(payload: dict[str, Any]) -> str:
@@ -388,6 +390,7 @@ class Serving:
                 body = gen.response(first, None, chunk=True)
                 yield event({**body, **usage_field} if include_usage else _no_usage(body))
             async for i, out in sub.outputs():
+                cached_tokens[i] = out.num_cached_tokens
                 choices = []
                 for o in out.outputs:
                     key = i * gen.n + o.index
@@ -427,7 +430,9 @@ class Serving:
                     yield event({**body, **usage_field} if include_usage else _no_usage(body))
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
-                usage = P.usage(prompt_tokens, sum(completion_tokens.values()))
+                usage = P.usage(
+                    prompt_tokens, sum(completion_tokens.values()), sum(cached_tokens.values())
+                )
                 yield event(gen.response([], usage, chunk=True))
         except ClientGone:
             return
