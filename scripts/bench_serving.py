@@ -60,6 +60,8 @@ class Result:
     itls: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int | None = None  # None: the server reported none, and nothing counted them
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
+    turn: int = 0  # its place in its session (0: the first turn)
     text: str = ""
     error: str = ""
 
@@ -107,6 +109,8 @@ async def send(
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    res.cached_tokens = details.get("cached_tokens")
                 if not chunk.get("choices"):
                     continue
                 delta = chunk["choices"][0].get("delta", {})
@@ -146,11 +150,12 @@ async def run_session(
     client: httpx.AsyncClient, args: argparse.Namespace, s: Session, out: list[Result]
 ) -> None:
     messages = [{"role": "system", "content": s.system}]
-    for turn in s.turns:
+    for number, turn in enumerate(s.turns):
         if turn.think_s:
             await asyncio.sleep(turn.think_s * args.think_scale)
         messages.append({"role": "user", "content": turn.user})
         res = await send(client, args, messages, turn.max_tokens, turn)
+        res.turn = number
         out.append(res)
         if not res.ok:
             return
@@ -202,6 +207,13 @@ def summarize(results: list[Result], wall: float, slo: dict[str, float]) -> dict
     out_tokens = sum(counted) if ok and len(counted) == len(ok) else None  # None: not measured
     in_tokens = sum(r.prompt_tokens for r in ok)
 
+    # The prefix cache's share of follow-up turns' prompts, from the servers' usage (None: a
+    # server sent no cached_tokens, or no session had a second turn).
+    later = [r for r in ok if r.turn > 0]
+    hit_rate = None
+    if later and all(r.cached_tokens is not None for r in later):
+        hit_rate = sum(r.cached_tokens for r in later) / max(1, sum(r.prompt_tokens for r in later))
+
     def good(r: Result) -> bool:
         checks = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2e": r.e2e}
         return all(checks[k] * 1e3 <= v for k, v in slo.items())
@@ -217,6 +229,7 @@ def summarize(results: list[Result], wall: float, slo: dict[str, float]) -> dict
         "mean_prompt_tokens": in_tokens / max(1, len(ok)),
         "mean_output_tokens": None if out_tokens is None else out_tokens / len(ok),
         "goodput_req_s": sum(good(r) for r in ok) / wall if slo else None,
+        "prefix_hit_rate_turn2plus": hit_rate,
         **pct("ttft", ttft),
         **pct("tpot", tpot),
         **pct("itl", itl),
@@ -264,6 +277,7 @@ def print_table(rows: list[dict]) -> None:
         ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"), ("tpot_p50_ms", "{:.1f}"),
         ("itl_p50_ms", "{:.1f}"), ("itl_p99_ms", "{:.1f}"), ("e2e_p50_ms", "{:.0f}"),
         ("output_tok_s", "{:.1f}"), ("goodput_req_s", "{:.2f}"),
+        ("prefix_hit_rate_turn2plus", "{:.2f}"),
     ]  # fmt: skip
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))

@@ -61,6 +61,8 @@ def test_every_workload_runs_against_a_live_server(bench, smollm2_tokenizer, tmp
         assert row["output_tok_s"] > 0
     multi = next(r for r in rows if r["workload"] == "agentic-multi-turn")
     assert multi["requests"] >= 6  # two sessions of 3+ turns
+    assert 0 < multi["prefix_hit_rate_turn2plus"] <= 1  # follow-ups reuse their history's KV
+    assert next(r for r in rows if r["workload"] == "chat")["prefix_hit_rate_turn2plus"] is None
     assert all(r["goodput_req_s"] == pytest.approx(r["request_throughput"]) for r in rows)
 
 
@@ -112,4 +114,5 @@ def test_a_peer_without_usage_is_counted_with_the_tokenizer_and_empty_streams_fa
     assert "tpot_p50_ms" in counted
     # Nothing counted the tokens: the figures are missing, not 0.
     assert uncounted["output_tok_s"] is None and uncounted["mean_output_tokens"] is None
+    assert uncounted["prefix_hit_rate_turn2plus"] is None  # (single turns, no usage)
     assert "tpot_p50_ms" not in uncounted
