@@ -78,6 +78,7 @@ from _records import (
 
 import jinfer
 from jinfer.config.cli import add_engine_args, check_engine_args, engine_options
+from jinfer.distributed.multihost import GroupError
 
 log = logging.getLogger("generate")
 
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_engine_args(parser, args)
+    if args.node_rank > 0:
+        return args  # a follower: it runs rank 0's steps; the work is rank 0's to read
     if args.items and (args.input or args.output):
         parser.error("--chat/--prompt and --input/--output are separate modes: pick one")
     if not args.items and not args.input:
@@ -339,7 +343,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--input and --output go together")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_engine_args(parser, args)
     if args.seed is not None and not 0 <= args.seed < SEED_RANGE:
         parser.error(f"--seed must be in [0, 2**62), got {args.seed}")
     try:
@@ -358,7 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parse_args(argv)
     try:
+        if args.node_rank > 0:
+            # Every host runs the same command; a follower serves rank 0's steps inside LLM()
+            # and exits when rank 0 does (SystemExit 0), or is lost (1).
+            build_llm(args)
         return run_file(args) if args.input else run_inline(args)
+    except GroupError as e:
+        log.error("%s", e)
+        return 1
     except SetupError as e:
         log.error("%s", e)
         return 1

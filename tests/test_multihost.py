@@ -186,6 +186,30 @@ def test_a_lost_follower_fails_requests_and_every_rank_exits_naming_it():
         group.kill()
 
 
+def test_generate_script_on_two_processes_prints_what_one_prints():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "generate.py")
+    engine = ["--model", "smollm2-135m-instruct", *SMALL, "--num-pages", "16"]
+    work = ["--temperature", "0", "--max-tokens", "16", "--prompt", PROMPTS[1], "--chat", "Hi!"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, script, *engine, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,
+        )  # fmt: skip
+
+    one = start(*work).communicate(timeout=300)[0]
+    addr = ("--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}")
+    addr += ("--tensor-parallel-size", "2")
+    # Rank 1 runs the same command with no work of its own (it would be ignored if given).
+    procs = [start(*addr, "--node-rank", "0", *work), start(*addr, "--node-rank", "1")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    assert outs[0][0] == one and "--- [2] chat: Hi!" in one
+    assert outs[1][0] == ""  # a follower prints nothing
+
+
 # ---------------------------------------------------------------- bad configurations
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
