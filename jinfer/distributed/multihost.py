@@ -112,6 +112,7 @@ class ProcessGroup:
         self._stopped = False  # (follower) the leader said stop
         self.send_time = 0.0  # seconds the leader spent sending steps
         self.num_messages = 0
+        self.num_bytes = 0  # of the messages' buffers
 
     @property
     def is_leader(self) -> bool:
@@ -215,6 +216,7 @@ class ProcessGroup:
                 raise
         self.send_time += time.perf_counter() - t0
         self.num_messages += 1
+        self.num_bytes += sum(b.nbytes for b in buffers)
 
     def recv(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The leader's next message (follower)."""
