@@ -8,6 +8,7 @@ print(outs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -83,7 +84,9 @@ class LLM:
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = cfg
-        self.engine = build_engine(cfg, host_params, tokenizer, config, group)
+        quiet = multihost.stdout_to_stderr() if group is not None else contextlib.nullcontext()
+        with quiet:
+            self.engine = build_engine(cfg, host_params, tokenizer, config, group)
         self.warmup_time = self.engine.warmup_time
         self._ids = itertools.count()
         if group is not None and not group.is_leader:

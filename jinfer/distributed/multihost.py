@@ -25,13 +25,15 @@ the socket (`scripts/bench_multihost.py`). The channel also carries the lifecycl
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -316,6 +318,22 @@ def join(config: EngineConfig, model: str) -> ProcessGroup:
         "rank %d of %d joined (%d devices in all)", group.rank, group.nnodes, jax.device_count()
     )
     return group
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Whatever writes to file descriptor 1 inside goes to 2. Gloo announces its connections
+    on stdout from C++ at a group's first collective (at warm-up), and a script's stdout is for
+    its output (`scripts/generate.py`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
