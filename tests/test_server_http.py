@@ -266,7 +266,11 @@ def test_prefix_cache_hits_show_in_metrics_and_salts_keep_tenants_apart(tok):
         with httpx.stream("POST", s.url + "/v1/completions", json=streamed) as r:
             chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
         assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}
-        assert _metric(s, "vllm:prefix_cache_queries_total") == 4 * n_prompt
+        # vLLM's /reset_prefix_cache: the next identical request starts cold.
+        assert httpx.post(s.url + "/reset_prefix_cache").status_code == 200
+        cold = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": "tenant-a"})
+        assert cold.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert _metric(s, "vllm:prefix_cache_queries_total") == 5 * n_prompt
         assert _metric(s, "jinfer:prefix_cache_pages") > 0
         r = httpx.post(s.url + "/v1/completions", json={**body, "cache_salt": ""})
         assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"]

@@ -194,6 +194,16 @@ class AsyncEngine:
             self._send(("abort", final))
             pending.stream.put(final)
 
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Runs `fn` on the engine thread between steps (call on the event loop): its result,
+        or its exception, in the returned future (e.g. resetting the prefix cache)."""
+        future = self._loop.create_future()
+        if self.error is not None:
+            future.set_exception(EngineDeadError(f"the engine loop stopped: {self.error!r}"))
+        else:
+            self._send(("call", (fn, future)))
+        return future
+
     def _report(self, out: RequestOutput) -> None:
         if self.on_output is not None:
             self.on_output(out)
@@ -230,6 +240,14 @@ class AsyncEngine:
                 self.engine.abort(payload.request_id)
                 self._report(payload)
                 continue
+            if kind == "call":
+                fn, future = payload
+                try:
+                    result, error = fn(), None
+                except Exception as e:  # noqa: BLE001 - the caller's to handle
+                    result, error = None, e
+                self._loop.call_soon_threadsafe(_settle, future, result, error)
+                continue
             request_id, ids, params, prompt, grammar = payload
             try:
                 self.engine.add_request(request_id, ids, params, prompt=prompt, grammar=grammar)
@@ -257,6 +275,15 @@ class AsyncEngine:
             self._fail(request_id, EngineDeadError(f"the engine loop stopped: {error!r}"))
         if self.on_dead is not None:
             self.on_dead(error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # (its caller went away)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _aborted(request_id: str, pending: _Pending) -> RequestOutput:

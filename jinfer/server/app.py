@@ -348,6 +348,14 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         gen = await asyncio.to_thread(serving.chat, body)  # the template, tokenizing: off the loop
         return await _respond(serving, gen, request, body.stream)
 
+    @app.post("/reset_prefix_cache", dependencies=[Depends(check_api_key)])
+    async def reset_prefix_cache() -> Response:
+        """vLLM's: forgets every cached prefix no running request holds (benchmarks use it to
+        start cold; a router's KV events say so: all blocks cleared)."""
+        serving = state.require_ready()
+        await serving.engine.call(serving.engine.engine.reset_prefix_cache)
+        return Response(status_code=200)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, P.TokenizeRequest)
