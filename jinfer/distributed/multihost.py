@@ -8,8 +8,9 @@ and the program's packed inputs, and they dispatch it too (`runner/mirror.py`).
 
 The steps travel over a TCP channel of their own (`channel.py`, on the coordinator's PORT+1),
 not through a JAX collective: `multihost_utils.broadcast_one_to_all` runs a small program per
-call, recompiles for every new buffer size, and costs ~2 ms per call on CPU against ~0.1 ms for
-the socket (`scripts/bench_multihost.py`). The channel also carries the lifecycle:
+call, compiles one for every new buffer size (20-50 ms), and costs ~1.7 ms per call on CPU,
+against ~0.02 ms of the leader's time on the socket (0.03-0.05 ms until the follower has it;
+`scripts/bench_multihost.py`). The channel also carries the lifecycle:
 
     start     every rank checks its options (engine/config), connects to the leader's channel
               (timing out on an unreachable leader: jaxlib would abort the process) and sends
