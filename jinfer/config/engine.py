@@ -30,6 +30,7 @@ from jinfer.attention import (
 )
 from jinfer.attention.backend import AttentionBackend
 from jinfer.config.cache import num_pages_to_fit
+from jinfer.config.kv_events import KVEventsConfig
 from jinfer.config.model import ModelConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the choices of dtype and kv_cache_dtype
@@ -213,6 +214,13 @@ class EngineConfig:
     dist_timeout: float = option(
         300.0, "seconds a rank waits for the others to join before it gives up", positive=True
     )
+    kv_events_config: str | None = option(
+        None,
+        'vLLM\'s KV cache events as JSON, for a KV-aware router: {"enable_kv_cache_events": '
+        'true, "endpoint": "tcp://127.0.0.1:5557", "replay_endpoint", "buffer_steps", '
+        '"topic", "hwm"} (jinfer/config/kv_events.py)',
+        type=str,
+    )
 
     def __post_init__(self) -> None:
         for name, (field, opt) in options().items():
@@ -221,6 +229,10 @@ class EngineConfig:
             if value is not None and opt.type in (int, float):
                 object.__setattr__(self, name, opt.type(value))  # numpy scalars -> Python
         _check_group(self)
+        try:
+            KVEventsConfig.parse(self.kv_events_config)
+        except ValueError as e:
+            raise OptionError("kv_events_config", str(e)) from None
 
     @property
     def is_resolved(self) -> bool:
@@ -239,6 +251,10 @@ class EngineConfig:
                 value = opt.resolve(getattr(config, name), config, model, platform)
                 config = dataclasses.replace(config, **{name: value})
         return config
+
+    @property
+    def kv_events(self) -> KVEventsConfig:
+        return KVEventsConfig.parse(self.kv_events_config)
 
     @property
     def backend(self) -> AttentionBackend:
