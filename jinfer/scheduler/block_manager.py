@@ -34,7 +34,13 @@ from jinfer.scheduler.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ) -> None:
         if num_pages < 2:
             raise ValueError(f"need at least 2 pages (one is scratch), got {num_pages}")
         if page_size < 1:
@@ -43,7 +49,7 @@ class BlockManager:
         self.page_size = page_size
         self.ref_counts = np.zeros(num_pages, np.int32)
         self.free_pages: deque[int] = deque(p for p in range(num_pages) if p != SCRATCH_PAGE)
-        self.cache: PrefixCache | None = PrefixCache() if enable_prefix_caching else None
+        self.cache = PrefixCache(record_events) if enable_prefix_caching else None
 
     @property
     def num_usable_pages(self) -> int:
@@ -109,9 +115,29 @@ class BlockManager:
         keys = extend_page_keys(
             seq.page_keys, seq.all_token_ids(), self.page_size, seq.params.cache_salt, num_full
         )
-        for i in range(seq.num_indexed_pages, num_full):
-            self.cache.insert(keys[i], seq.block_table[i])
+        start = seq.num_indexed_pages
+        stored = [
+            i for i in range(start, num_full) if self.cache.insert(keys[i], seq.block_table[i])
+        ]
         seq.num_indexed_pages = num_full
+        if stored and self.cache.events is not None and seq.params.cache_salt is None:
+            self._announce(seq, keys, stored)
+
+    def _announce(self, seq: Sequence, keys: list[bytes], stored: list[int]) -> None:
+        """KV events for pages `stored` (indices into `keys`), one per run of consecutive
+        pages: a page another request indexed first was announced by it."""
+        tokens = seq.all_token_ids()
+        z = self.page_size
+        runs: list[list[int]] = []
+        for i in stored:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            parent = keys[run[0] - 1] if run[0] else None
+            ids = tokens[run[0] * z : (run[-1] + 1) * z]
+            self.cache.announce([keys[i] for i in run], parent, ids, z)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached page nobody is using (they become free). Pages in use stay

@@ -21,6 +21,11 @@ Pages nobody references stay indexed (their KV intact) in least-recently-used or
 allocator takes them back, oldest first, only when no never-cached page is left. Taking one
 back drops its key: that is an eviction. Pages in use are never evicted.
 
+KV cache events (`record_events`): the index's changes as vLLM's KV-event publisher names them,
+for a KV-aware router: `BlockStored` (pages indexed: their keys, the key before them, their
+tokens), `BlockRemoved` (keys dropped: evicted or reset). Pages of requests with a `cache_salt`
+are never announced: a tenant's prompts stay private from the router too.
+
 Isolation between tenants: a cached page's KV is reachable only through its key, and only a
 request carrying the same salt and the same tokens up to the end of that page can produce the
 key. So a request reads only pages it wrote itself or pages whose full content (and salt) it
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
@@ -80,13 +86,16 @@ class PrefixCache:
     least recently used unreferenced page when it must evict (`evict`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_events: bool = False) -> None:
         self.page_of: dict[PageKey, int] = {}
         self.key_of: dict[int, PageKey] = {}
         # Cached pages with reference count 0, least recently used first. An OrderedDict gives
         # O(1) removal from the middle when a hit revives a page.
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
+        # KV cache events not yet taken (None: not recorded), and the keys announced stored.
+        self.events: list[dict[str, Any]] | None = [] if record_events else None
+        self._announced: set[PageKey] = set()
 
     @property
     def num_cached_pages(self) -> int:
@@ -120,6 +129,42 @@ class PrefixCache:
         self.key_of[page] = key
         return True
 
+    def announce(
+        self, keys: list[PageKey], parent: PageKey | None, token_ids: list[int], page_size: int
+    ) -> None:
+        """Records a run of pages just indexed, in order: `keys` (each in the index), the key of
+        the page before the first (None: the run starts the prompt), their tokens."""
+        if self.events is None or not keys:
+            return
+        self.events.append(
+            {
+                "type": "BlockStored",
+                "block_hashes": list(keys),
+                "parent_block_hash": parent,
+                "token_ids": [int(t) for t in token_ids],
+                "block_size": page_size,
+                "lora_id": None,
+                "medium": None,  # the device's memory (vLLM's "GPU" tier)
+                "lora_name": None,
+            }
+        )
+        self._announced.update(keys)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events recorded since the last call, oldest first."""
+        if not self.events:
+            return []
+        events, self.events = self.events, []
+        return events
+
+    def _removed(self, keys: list[PageKey]) -> None:
+        if self.events is None:
+            return
+        gone = [k for k in keys if k in self._announced]
+        if gone:
+            self._announced.difference_update(gone)
+            self.events.append({"type": "BlockRemoved", "block_hashes": gone, "medium": None})
+
     def park(self, page: int) -> None:
         """A cached page lost its last reference: it becomes evictable, most recently used."""
         self.evictable[page] = None
@@ -131,8 +176,10 @@ class PrefixCache:
     def evict(self) -> int:
         """Drops the least recently used unreferenced page from the index and returns it."""
         page, _ = self.evictable.popitem(last=False)
-        del self.page_of[self.key_of.pop(page)]
+        key = self.key_of.pop(page)
+        del self.page_of[key]
         self.num_evictions += 1
+        self._removed([key])
         return page
 
     def clear_idle(self) -> list[int]:
@@ -140,7 +187,9 @@ class PrefixCache:
         free pages). Pages in use keep their keys: a page shared by two requests must stay
         known as a full, immutable cached page until its last user lets go."""
         freed = list(self.evictable)
-        for page in freed:
-            del self.page_of[self.key_of.pop(page)]
+        keys = [self.key_of.pop(page) for page in freed]
+        for key in keys:
+            del self.page_of[key]
         self.evictable.clear()
+        self._removed(keys)
         return freed
