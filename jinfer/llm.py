@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from jinfer.config.engine import EngineConfig
 from jinfer.config.model import ModelConfig
 from jinfer.distributed import multihost
 from jinfer.engine.builder import build_engine
+from jinfer.engine.kv_events import KVEventPublisher
 from jinfer.engine.output_guard import load_guard
 from jinfer.loader import load_weights, named_models
 from jinfer.models.params import Params
@@ -32,6 +34,19 @@ from jinfer.tool_parsers import prompt as tool_prompt
 log = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any]
+
+
+def _engine_config(options: dict[str, Any]) -> EngineConfig:
+    if isinstance(options.get("kv_events_config"), dict):  # (as vLLM's LLM takes it)
+        options = {**options, "kv_events_config": json.dumps(options["kv_events_config"])}
+    return EngineConfig(**options)
+
+
+def _kv_events(config: EngineConfig) -> KVEventPublisher | None:
+    """The leader's KV cache events publisher, if enabled (bound before anything loads)."""
+    if config.kv_events.enabled and config.node_rank == 0:
+        return KVEventPublisher(config.kv_events)
+    return None
 
 
 class LLM:
@@ -47,12 +62,14 @@ class LLM:
 
     def __init__(self, model: str = named_models.DEFAULT_MODEL, **options: Any) -> None:
         t0 = time.perf_counter()
-        config = EngineConfig(**options)  # checked before anything loads
+        config = _engine_config(options)  # checked before anything loads
         load_guard(config.output_guard)  # (and the output guard it names)
         path = named_models.resolve_model(model)
         group = multihost.join(config, model) if config.nnodes > 1 else None
+        # The leader announces its prefix cache (bound now: a taken port fails before loading).
+        kv_events = _kv_events(config)
         cfg, host_params = load_weights(path)
-        self._setup(cfg, host_params, load_tokenizer(str(path)), config, group)
+        self._setup(cfg, host_params, load_tokenizer(str(path)), config, group, kv_events)
         self.tool_format = tool_parsers.DEFAULT_PARSERS.get(model, "hermes")
         self.load_time = time.perf_counter() - t0 - self.warmup_time
         log.info(
@@ -69,7 +86,8 @@ class LLM:
     ) -> LLM:
         """An LLM over weights already in memory (random-weight tests, research code)."""
         llm = cls.__new__(cls)
-        llm._setup(cfg, params, tokenizer, EngineConfig(**options))
+        config = _engine_config(options)
+        llm._setup(cfg, params, tokenizer, config, None, _kv_events(config))
         llm.tool_format = "hermes"
         llm.load_time = 0.0
         return llm
@@ -81,12 +99,13 @@ class LLM:
         tokenizer: Tokenizer,
         config: EngineConfig,
         group: multihost.ProcessGroup | None = None,
+        kv_events: KVEventPublisher | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model_config = cfg
         quiet = multihost.stdout_to_stderr() if group is not None else contextlib.nullcontext()
         with quiet:
-            self.engine = build_engine(cfg, host_params, tokenizer, config, group)
+            self.engine = build_engine(cfg, host_params, tokenizer, config, group, kv_events)
         self.warmup_time = self.engine.warmup_time
         self._ids = itertools.count()
         if group is not None and not group.is_leader:

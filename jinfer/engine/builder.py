@@ -17,6 +17,7 @@ from jinfer.config.model import ModelConfig
 from jinfer.distributed.multihost import ProcessGroup, group_devices
 from jinfer.distributed.sharding import cache_sharding, make_mesh, place_params
 from jinfer.engine.engine import Engine
+from jinfer.engine.kv_events import KVEventPublisher
 from jinfer.models.params import Params
 from jinfer.runner.compilation import bound_compiled_programs, enable_persistent_cache
 from jinfer.tokenizer.tokenizer import Tokenizer
@@ -28,10 +29,12 @@ def build_engine(
     tokenizer: Tokenizer,
     config: EngineConfig,
     group: ProcessGroup | None = None,
+    kv_events: KVEventPublisher | None = None,
 ) -> Engine:
     """An `Engine` for `cfg` with `host_params` placed per `config` (resolved here), warmed up
     unless `config.warmup` is off. `group`: the processes the model spans (`multihost.join`);
-    on a follower the engine's runner then only runs what the leader sends (`runner/mirror.py`)."""
+    on a follower the engine's runner then only runs what the leader sends (`runner/mirror.py`).
+    `kv_events`: where the engine announces its prefix cache's changes (`kv_events.py`)."""
     enable_persistent_cache()
     bound_compiled_programs()  # before this engine compiles its own
     config = config.resolve(cfg, jax.default_backend())
@@ -52,4 +55,5 @@ def build_engine(
         engine.runner.mirror_to(group)  # (followers record the same table, then follow it)
     if config.warmup:
         engine.warmup()
+    engine.kv_events = kv_events
     return engine

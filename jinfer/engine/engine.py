@@ -65,7 +65,10 @@ class Engine:
                 f"request of max_model_len={config.max_model_len} ({max_pages_per_seq} pages)"
             )
         self.blocks = BlockManager(
-            cache.num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching
+            cache.num_pages,
+            config.page_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            record_events=config.kv_events.enabled,
         )
         self.runner = ModelRunner(cfg, params, cache, config)
         granularity = buckets.prefill_granularity(
@@ -91,6 +94,7 @@ class Engine:
         self._eos = tuple(dict.fromkeys(list(cfg.eos_token_ids) + list(tokenizer.stop_token_ids())))
         self.grammars = GrammarCompiler(tokenizer)  # structured output's constraints
         self.group = None  # the processes the model spans, if more than this one (builder.py)
+        self.kv_events = None  # the KV cache events' publisher, when enabled (builder.py)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -191,8 +195,14 @@ class Engine:
         those it finished (offline callers: no per-step copies of growing outputs)."""
         t0 = time.perf_counter()
         outputs = self._step(finished_only)
+        self._publish_kv_events()
         self.stats.step_time += time.perf_counter() - t0
         return outputs
+
+    def _publish_kv_events(self) -> None:
+        """The step's prefix-cache changes, to a KV-aware router (`kv_events.py`)."""
+        if self.kv_events is not None:
+            self.kv_events.publish(self.blocks.cache.take_events())
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
         # Async scheduling: plan and dispatch this step while the previous one runs, then read
@@ -265,6 +275,7 @@ class Engine:
         """Forgets every cached prefix not in use (on an idle engine: all of them, e.g. to time
         cold prefills); running requests go on."""
         self.blocks.reset_prefix_cache()
+        self._publish_kv_events()
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
