@@ -186,6 +186,17 @@ def test_fields_that_ask_for_nothing_and_unknown_fields_are_accepted(client, tok
     )
 
 
+def test_render_gives_the_prompt_tokens_a_request_would_run(server, tok):
+    messages = [{"role": "user", "content": "Say something nice"}]
+    r = httpx.post(server.url + "/v1/chat/completions/render", json={"messages": messages})
+    assert r.status_code == 200 and r.json() == {"token_ids": chat_prompt_ids(tok, messages)}
+    body = {"prompt": ["one two", "three"], "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/completions/render", json=body)
+    assert r.json() == [{"token_ids": tok.encode("one two")}, {"token_ids": tok.encode("three")}]
+    r = httpx.post(server.url + "/v1/chat/completions/render", json={"messages": []})
+    assert r.status_code == 400 and "messages is empty" in r.json()["error"]["message"]
+
+
 def test_metrics_use_vllm_names_and_count(tok):
     with start(tok) as s:
         s.wait_ready()
@@ -211,6 +222,8 @@ def test_metrics_use_vllm_names_and_count(tok):
         for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
             assert samples[f"vllm:{gauge}{label}"] == 0
         assert f"jinfer:xla_compiles_total{label}" in samples
+        info = [k for k in samples if k.startswith("vllm:cache_config_info{")]
+        assert len(info) == 1 and 'block_size="' in info[0] and samples[info[0]] == 1
         assert samples[f"jinfer:kv_cache_pages_in_use{label}"] == 0  # all back when idle
         assert (
             samples[f"jinfer:kv_cache_pages_total{label}"]

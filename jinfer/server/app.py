@@ -356,6 +356,22 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         await serving.engine.call(serving.engine.engine.reset_prefix_cache)
         return Response(status_code=200)
 
+    @v1.post("/completions/render")
+    async def render_completion(request: Request) -> list[dict[str, Any]]:
+        body = await parse_body(request, P.CompletionRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        prompts = await asyncio.to_thread(serving.render, body)  # tokenizing: off the loop
+        return [{"token_ids": ids} for ids in prompts]
+
+    @v1.post("/chat/completions/render")
+    async def render_chat(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, P.ChatCompletionRequest)
+        state.check_model(body.model)
+        serving = state.require_ready()
+        (ids,) = await asyncio.to_thread(serving.render, body)  # the template: off the loop
+        return {"token_ids": ids}
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, P.TokenizeRequest)

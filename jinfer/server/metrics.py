@@ -112,6 +112,18 @@ class _EngineCollector(Collector):
             "Cached pages evicted for reuse.",
             e.blocks.num_evictions,
         )
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "The KV cache's configuration (labels; the value is 1).",
+            labels=["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
+        )
+        config = e.config
+        info.add_metric(
+            [str(config.page_size), str(blocks.num_usable_pages), str(config.kv_cache_dtype),
+             str(config.enable_prefix_caching)],
+            1.0,
+        )  # fmt: skip
+        yield info
         yield self._counter("jinfer:engine_steps", "Engine steps run.", stats.num_steps)
         yield self._counter(
             "jinfer:xla_compiles", "XLA compilations in this process.", e.num_compiles

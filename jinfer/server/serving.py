@@ -288,14 +288,7 @@ class Serving:
             raise bad_request("best_of is not supported (use n)", "best_of")
         if body.echo and body.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
-        truncate = self._truncation(body)
-        raw = body.prompts()
-        if not raw:
-            raise bad_request("prompt is empty: give a string, strings or token ids", "prompt")
-        prompts = [
-            (self._encode_prompt(p, "prompt", truncate), p if isinstance(p, str) else None)
-            for p in raw
-        ]
+        prompts = self._completion_prompts(body)
         longest = max(len(ids) for ids, _ in prompts)
         max_tokens = resolve_max_tokens(body.max_tokens, longest, self.max_model_len)
         params, grammar = self._sampling_params(body, max_tokens, body.logprobs, {})
@@ -308,9 +301,7 @@ class Serving:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         tools = self._tool_calling(body)
-        listed = tools.tools if tools is not None and tools.active else None
-        ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt, listed)
-        ids = self._encode_prompt(ids, "messages", self._truncation(body))
+        ids = self._chat_ids(body, tools)
         requested = body.max_completion_tokens or body.max_tokens
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise bad_request("max_completion_tokens must be at least 1", "max_completion_tokens")
@@ -323,6 +314,30 @@ class Serving:
             constraint = tool_choice.constraint(tools.mode, tools.tools, body.parallel_tool_calls)
         params, grammar = self._sampling_params(body, max_tokens, logprobs, names, constraint)
         return Generation("chat", self.model_name, [(ids, None)], params, body, grammar, tools)
+
+    def _completion_prompts(self, body: P.CompletionRequest) -> list[tuple[list[int], str | None]]:
+        truncate = self._truncation(body)
+        raw = body.prompts()
+        if not raw:
+            raise bad_request("prompt is empty: give a string, strings or token ids", "prompt")
+        return [
+            (self._encode_prompt(p, "prompt", truncate), p if isinstance(p, str) else None)
+            for p in raw
+        ]
+
+    def _chat_ids(self, body: P.ChatCompletionRequest, tools: Any) -> list[int]:
+        listed = tools.tools if tools is not None and tools.active else None
+        ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt, listed)
+        return self._encode_prompt(ids, "messages", self._truncation(body))
+
+    def render(self, body: P.CompletionRequest | P.ChatCompletionRequest) -> list[list[int]]:
+        """The prompt token ids a request would run, one list per prompt, without running it
+        (vLLM's /render: a KV-aware router matches them against the replicas' KV events)."""
+        if isinstance(body, P.ChatCompletionRequest):
+            if not body.messages:
+                raise bad_request("messages is empty: give at least one message", "messages")
+            return [self._chat_ids(body, self._tool_calling(body))]
+        return [ids for ids, _ in self._completion_prompts(body)]
 
     # ------------------------------------------------------------- submission
     def _submit(self, gen: Generation) -> list[Any]:
