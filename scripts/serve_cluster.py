@@ -18,8 +18,10 @@ vllm-router is an optional dependency: `pip install 'jinfer[router]'` (or `vllm-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,11 +102,21 @@ class Process:
 
 
 class Replica:
-    """One jinfer server: a single process, or a group of `nnodes` ranks on this machine."""
+    """One jinfer server: a single process, or a group of `nnodes` ranks on this machine.
+    `kv_events`: it publishes its KV cache events on two free ports (live, replay)."""
 
-    def __init__(self, index: int, port: int, server_args: list[str], nnodes: int = 1) -> None:
+    def __init__(
+        self, index: int, port: int, server_args: list[str], nnodes: int = 1,
+        kv_events: bool = False,
+    ) -> None:  # fmt: skip
         self.index = index
         self.url = f"http://127.0.0.1:{port}"
+        self.kv_endpoints: tuple[str, str] | None = None
+        if kv_events:
+            self.kv_endpoints = (f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+            config = {"enable_kv_cache_events": True, "endpoint": self.kv_endpoints[0],
+                      "replay_endpoint": self.kv_endpoints[1]}  # fmt: skip
+            server_args = [*server_args, "--kv-events-config", json.dumps(config)]
         base = [sys.executable, "-m", "jinfer.serve", *server_args]
         env = {**os.environ}
         if nnodes == 1:
@@ -144,6 +156,14 @@ class Replica:
     def kill(self) -> None:
         for r in self.ranks:
             r.kill()
+
+    def block_size(self) -> int:
+        """Its KV page size, from vLLM's `vllm:cache_config_info` gauge."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        match = re.search(r'^vllm:cache_config_info\{[^}]*block_size="(\d+)"', text, re.M)
+        if match is None:
+            raise RuntimeError(f"replica {self.index} reports no vllm:cache_config_info")
+        return int(match.group(1))
 
     def metrics(self) -> dict[str, float]:
         """The replica's counters, by name (label sets summed)."""
@@ -196,15 +216,18 @@ class Cluster:
         port: int | None = None,
         replica_nnodes: int = 1,
         router_args: list[str] | None = None,
+        kv_events: bool = False,
         timeout: float = 900,
     ) -> None:
         self.port = port or free_port()
+        self.server_args = server_args
+        kv_events = kv_events or policy == "kv_aware"
         self.replicas: list[Replica] = []
         self.router: Router | None = None
         try:
             for i in range(replicas):  # one by one: the later ones hit the compile cache
                 port_i = self.port + 1 + i if port else free_port()
-                replica = Replica(i, port_i, server_args, replica_nnodes)
+                replica = Replica(i, port_i, server_args, replica_nnodes, kv_events)
                 self.replicas.append(replica)
                 replica.wait_ready(timeout)
                 log.info("replica %d ready at %s", i, replica.url)
@@ -217,10 +240,25 @@ class Cluster:
     def url(self) -> str:
         return self.router.url
 
+    def kv_event_args(self) -> list[str]:
+        """vllm-router's flags for the replicas' KV event sources (the kv_aware policy)."""
+        if any(r.kv_endpoints is None for r in self.replicas):
+            raise ValueError("kv_aware routing needs replicas started with kv_events=True")
+        args = []
+        for r in self.replicas:
+            args += ["--kv-event-source", f"{r.url}={r.kv_endpoints[0]}"]
+            args += ["--kv-event-replay-source", f"{r.url}={r.kv_endpoints[1]}"]
+        model = _flag(self.server_args, "--model") or "jinfer"
+        block_size = self.replicas[0].block_size()
+        return [*args, "--kv-event-block-size", str(block_size), "--kv-event-model", model]
+
     def start_router(self, policy: str, extra: list[str] | None = None) -> None:
         """(Re)starts the router with `policy` over the replicas."""
         if self.router is not None:
             self.router.stop()
+        extra = list(extra or [])
+        if policy == "kv_aware":
+            extra += self.kv_event_args()
         self.router = Router(self.port, [r.url for r in self.replicas], policy, extra)
         self.router.wait_ready()
         log.info("vllm-router (%s) at %s over %d replicas", policy, self.url, len(self.replicas))
@@ -239,6 +277,15 @@ class Cluster:
         return codes
 
 
+def _flag(args: list[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -250,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-nnodes", type=int, default=1, help="ranks per replica (processes)")
     p.add_argument(
         "--router-arg", action="append", default=[], help="a flag for vllm-router (repeat)"
+    )
+    p.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="replicas publish KV cache events (always with --policy kv_aware)",
     )
     args = p.parse_args(argv)
     if args.replicas < 1:
@@ -266,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         replica_nnodes=args.replica_nnodes,
         router_args=args.router_arg,
+        kv_events=args.kv_events,
     )
     log.info("serving on %s (Ctrl-C stops)", cluster.url)
     while not stop.wait(1.0):

@@ -22,13 +22,14 @@ from serve_cluster import Cluster  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 WORKLOAD = argparse.Namespace(
     model=MODEL, concurrency=2, sessions=4, scale=0.1, think_scale=0.1, seed=0,
-    kill_requests=12, kill_after=3.0,
+    kill_requests=12, kill_after=3.0, doc_words=300, router_args=[],
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(2, ["--model", MODEL, "--max-num-seqs", "8", "--log-level", "warning"])
+    server = ["--model", MODEL, "--max-num-seqs", "8", "--log-level", "warning"]
+    c = Cluster(2, server, kv_events=True)  # (the replicas publish KV events for kv_aware)
     yield c
     c.stop()
 
@@ -44,6 +45,18 @@ def test_cache_aware_routing_keeps_follow_up_turns_hitting_the_prefix_cache(clus
     assert min(runs["cache_aware"]["requests_per_replica"]) > 0  # both replicas served
     # The replicas' own counters agree with what the clients were told.
     assert runs["cache_aware"]["hit_rate_metrics"] > runs["round_robin"]["hit_rate_metrics"]
+
+
+def test_kv_aware_routing_sends_requests_where_their_kv_really_is(cluster):
+    # The replicas' KV events tell the router what each computed, even for traffic that never
+    # passed through it: follow-ups on 8 documents cached that way, each on a replica drawn at
+    # random, all find their KV (a router guessing would be right for all 8 once in 256).
+    assert bench_router.warmed_run(cluster, "kv_aware", WORKLOAD) >= 0.8
+    # And on conversations through it, as well as cache_aware does.
+    single = bench_router.run_policy(cluster, "single", WORKLOAD)
+    kv = bench_router.run_policy(cluster, "kv_aware", WORKLOAD)
+    assert kv["failed"] == 0, kv
+    assert kv["hit_rate_turn2plus"] >= 0.97 * single["hit_rate_turn2plus"], (kv, single)
 
 
 def test_a_killed_replica_fails_only_its_requests_and_none_hangs(cluster):
