@@ -1,6 +1,7 @@
 """Prefix-cache benchmark: time to first token of follow-up turns, cache on vs off.
 
     python scripts/bench_prefix_cache.py --workload coding-agent agentic-multi-turn
+    python scripts/bench_prefix_cache.py --kv-events     # + what publishing KV events costs
 
 Workloads (chat template applied, greedy, short answers):
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import logging
 import random
+import socket
 import time
 
 from jinfer import LLM, SamplingParams
@@ -182,13 +184,18 @@ def main() -> None:
     )
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--context-tokens", type=int, default=7700, help="coding-agent turn 1")
+    ap.add_argument("--context-tokens", type=int, default=7400, help="coding-agent turn 1")
     ap.add_argument("--turn-tokens", type=int, default=200, help="new user tokens per turn")
     ap.add_argument("--system-tokens", type=int, default=600, help="agentic shared system")
     ap.add_argument("--sessions", type=int, default=3, help="agentic sessions")
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16, help="answer length")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    ap.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="the cache-on engine publishes KV cache events (localhost); report their cost",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -199,7 +206,13 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gb=args.kv_cache_memory_gb,  # two engines: keep each pool modest
     )
-    on = LLM(args.model, **opts)
+    events = {}
+    if args.kv_events:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            endpoint = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        events = {"kv_events_config": {"enable_kv_cache_events": True, "endpoint": endpoint}}
+    on = LLM(args.model, **opts, **events)
     # Same device weights and compiled programs; only the cache flag differs.
     off = LLM.from_params(
         on.model_config,
@@ -217,6 +230,15 @@ def main() -> None:
         "cached_pages": on.engine.blocks.num_cached_pages,
         "evictions": on.engine.blocks.num_evictions,
     }
+    publisher = on.engine.kv_events
+    if publisher is not None:
+        stats = on.engine.stats
+        results["kv_events"] = {
+            "batches": publisher.seq,
+            "events": publisher.num_events,
+            "publish_ms_per_batch": publisher.publish_time / max(1, publisher.seq) * 1e3,
+            "share_of_step_time": publisher.publish_time / stats.step_time,
+        }
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:
