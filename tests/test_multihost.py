@@ -162,14 +162,15 @@ def test_two_processes_serve_the_same_tokens_as_one(model, pages):
 
 
 def test_a_lost_follower_fails_requests_and_every_rank_exits_naming_it():
-    group = Group("--model", "smollm2-135m-instruct", *SMALL, "--num-pages", "16")
+    # Three ranks (SmolLM2's 9 heads, 3 KV heads and widths divide by 3): rank 2 dies.
+    group = Group("--model", "smollm2-135m-instruct", *SMALL, "--num-pages", "16", nnodes=3)
     try:
         assert complete(group.url, PROMPTS[0])  # the group serves
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            body = {"prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+            body = {"prompt": PROMPTS[1], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
             pending = pool.submit(httpx.post, group.url + "/v1/completions", json=body, timeout=120)
             time.sleep(1.0)  # decoding
-            group.procs[1].kill()
+            group.procs[2].kill()
             statuses = []
             assert wait_until(
                 lambda: statuses.append(group.health()) or group.procs[0].poll() is not None, 60
@@ -180,8 +181,20 @@ def test_a_lost_follower_fails_requests_and_every_rank_exits_naming_it():
             except httpx.TransportError:
                 pass  # (or the connection ended with the process)
         assert 503 in statuses
-        assert group.wait(60)[0] == 1
-        assert "lost rank 1 of 2" in "".join(group.procs[0].log), group.logs()
+        assert group.wait(60)[:2] == [1, 1], group.logs()
+        for rank in (0, 1):  # each survivor names the rank that was lost
+            assert "lost rank 2 of 3" in "".join(group.procs[rank].log), group.logs()
+    finally:
+        group.kill()
+
+
+def test_followers_of_a_lost_leader_exit_naming_it():
+    group = Group("--model", "smollm2-135m-instruct", *SMALL, "--num-pages", "16")
+    try:
+        assert complete(group.url, PROMPTS[0])
+        group.procs[0].kill()
+        assert group.wait(60)[1] == 1, group.logs()
+        assert "lost rank 0 of 2" in "".join(group.procs[1].log), group.logs()
     finally:
         group.kill()
 

@@ -18,8 +18,9 @@ against ~0.02 ms of the leader's time on the socket (0.03-0.05 ms until the foll
               that does; then jax.distributed joins the devices, all before any weights load;
               after warm-up the ranks compare their program tables
     serve     heartbeats both ways every second; a rank silent for `HEARTBEAT_TIMEOUT` s or
-              whose connection closes is lost: every process logs which, and exits 1 (the
-              leader first ends its in-flight requests with an error)
+              whose connection closes is lost: the leader tells the other followers which, every
+              process logs it and exits 1 (the leader first ends its in-flight requests with an
+              error); a follower that loses the leader names rank 0
     stop      the leader sends `stop` as it exits; followers exit 0
 """
 
@@ -257,6 +258,9 @@ class ProcessGroup:
             self._last_heard[rank] = time.monotonic()
             if header["op"] == "stop":
                 self._stopped = True
+            if header["op"] == "lost":  # (from the leader) another rank is gone
+                self.lost(int(header["rank"]), f"rank 0 lost it: {header['reason']}")
+                return
             if header["op"] != "heartbeat":
                 self._inbox[rank].put((header, buffers))
 
@@ -287,6 +291,12 @@ class ProcessGroup:
             self.nnodes,
             reason,
         )
+        for other, channel in self.followers.items():  # (leader) so they name the same rank
+            if other != rank:
+                try:
+                    channel.send({"op": "lost", "rank": rank, "reason": reason})
+                except ChannelClosed:
+                    pass
         for callback in self.on_lost:
             try:
                 callback(rank, reason)
