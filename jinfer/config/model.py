@@ -8,6 +8,7 @@ Dimension alphabet used in shape comments across jinfer:
   B batch (requests)   T tokens (flat step batch)   S key length   D model width
   F ffn width          N query heads                K kv heads     G query heads per kv head (N / K)
   H head dim           V vocab                      L layers       P pages      Z page size
+  E experts            X experts per token (top-k)  C expert ffn width
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ Arch = Literal["llama", "gemma3"]
 LayerType = Literal["full", "sliding"]
 
 # HF `model_type` values handled by the Llama-family code path.
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3")
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "qwen3_moe")
 _GEMMA3_TYPES = ("gemma3", "gemma3_text")
 
 
@@ -44,6 +45,7 @@ class LayerKind:
     window: int | None  # sliding window, or None for full attention
     rope_theta: float
     rope_scaling: RopeScaling | None
+    moe: bool = False  # a mixture-of-experts MLP (else dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,14 @@ class ModelConfig:
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (num_experts 0: every MLP dense). A sparse layer's MLP is a router
+    # over E experts of width C, each token running its top X (weights renormalized over the
+    # X when norm_topk_prob); `moe_layers[i]`: layer i is sparse (the others are dense, F wide).
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # X
+    moe_intermediate_size: int = 0  # C
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -99,6 +109,22 @@ class ModelConfig:
             )
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding layers need a positive sliding_window")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got "
+                    f"{self.num_experts_per_tok}"
+                )
+            if self.moe_intermediate_size <= 0:
+                raise ValueError("a mixture of experts needs a positive moe_intermediate_size")
+            if not self.moe_layers:
+                object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
+        elif any(self.moe_layers):
+            raise ValueError("moe_layers marks sparse layers, but num_experts is 0")
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ValueError(
+                f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers"
+            )
 
     # ----------------------------------------------------------------- derived
     @property
@@ -124,23 +150,39 @@ class ModelConfig:
             return None
         return self.rope_scaling
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
+
     def layer_kind(self, layer: int) -> LayerKind:
         return LayerKind(
-            self.layer_window(layer), self.layer_rope_theta(layer), self.layer_rope_scaling(layer)
+            self.layer_window(layer),
+            self.layer_rope_theta(layer),
+            self.layer_rope_scaling(layer),
+            self.is_moe_layer(layer),
         )
 
+    def _mlp_params(self, layer: int, active: bool) -> int:
+        """An MLP's weights (`active`: only those one token runs)."""
+        d = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * d * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        return d * self.num_experts + 3 * d * self.moe_intermediate_size * experts
+
     def num_params(self) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        d, h = self.hidden_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f
+        mlps = sum(self._mlp_params(i, active=False) for i in range(self.num_layers))
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed
+        return self.num_layers * attn + mlps + embed
 
     def flops_per_token(self) -> int:
-        """Matmul FLOPs of one token's forward pass, attention scores excluded (2 per MAC)."""
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        per_layer = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * f
-        return 2 * (self.num_layers * per_layer + self.vocab_size * d)
+        """Matmul FLOPs of one token's forward pass, attention scores excluded (2 per MAC);
+        a mixture of experts counts the experts a token runs."""
+        d, h = self.hidden_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlps = sum(self._mlp_params(i, active=True) for i in range(self.num_layers))
+        return 2 * (self.num_layers * attn + mlps + self.vocab_size * d)
 
     # ------------------------------------------------------------- (de)serialize
     def to_json(self) -> str:
@@ -151,7 +193,7 @@ class ModelConfig:
         raw = json.loads(text)
         if raw.get("rope_scaling"):
             raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
-        for key in ("layer_types", "eos_token_ids"):
+        for key in ("layer_types", "eos_token_ids", "moe_layers"):
             raw[key] = tuple(raw.get(key) or ())
         return cls(**raw)
 
@@ -268,11 +310,16 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}; supported: "
                 f"{', '.join(_LLAMA_FAMILY + _GEMMA3_TYPES)}"
             )
+        moe = _hf_moe(cfg, num_layers) if model_type == "qwen3_moe" else {}
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         types: tuple[LayerType, ...] = ()
         if model_type == "mistral" and window:
             types = ("sliding",) * num_layers
-        elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
+        elif (
+            model_type in ("qwen2", "qwen3", "qwen3_moe")
+            and cfg.get("use_sliding_window")
+            and window
+        ):
             first_full = int(cfg.get("max_window_layers", num_layers))
             types = tuple("sliding" if i >= first_full else "full" for i in range(num_layers))
         return cls(
@@ -280,10 +327,29 @@ class ModelConfig:
             **common,
             layer_types=types,
             sliding_window=int(window) if types and window else None,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             hidden_act="silu",
+            **moe,
         )
+
+
+def _hf_moe(cfg: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Qwen3-MoE's experts: layer i is sparse unless listed in `mlp_only_layers`, and only every
+    `decoder_sparse_step`-th layer is (transformers' rule)."""
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    layers = tuple(
+        num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers)
+    )
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=layers if num_experts else (),
+    )
 
 
 def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[LayerType, ...]:

@@ -30,6 +30,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": TP,
     "embed": None,
     "head_dim": None,
+    # Under tensor parallelism every device holds every expert, each a slice of its width
+    # ("mlp"); expert parallelism (later) moves the experts axis onto the mesh instead.
+    "experts": None,
 }
 
 

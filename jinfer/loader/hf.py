@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,9 @@ _HF_LAYER = {
     "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
+    "router": "mlp.gate.weight",
 }
+_HF_EXPERT = {"w_gate": "gate_proj.weight", "w_up": "up_proj.weight", "w_down": "down_proj.weight"}
 
 
 _HF_LAYER_LLAMA = {"mlp_norm": "post_attention_layernorm.weight"}
@@ -115,8 +118,10 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
     table = _HF_LAYER | (_HF_LAYER_GEMMA if gemma else _HF_LAYER_LLAMA)
     d, v = cfg.hidden_size, cfg.vocab_size
 
-    def label(key: str) -> str:
-        return names.get(key, key)
+    stripped = next((n[: -len(k)] for k, n in names.items() if k.startswith("layers.")), "")
+
+    def label(key: str) -> str:  # the name in the file (a missing one: as the others are named)
+        return names.get(key, stripped + key)
 
     def tensor(key: str, shape: tuple[int, ...]) -> np.ndarray:
         return require(raw.get(key), label(key), shape)
@@ -127,12 +132,26 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
         w = np.asarray(w, np.float32)
         return w + 1.0 if gemma else w  # Gemma's RMSNorm multiplies by (1 + w)
 
+    def hf_name(field: str) -> str:
+        if field.startswith("experts."):  # experts.{e}.w_gate -> mlp.experts.{e}.gate_proj.weight
+            _, e, w = field.split(".")
+            return f"mlp.experts.{e}.{_HF_EXPERT[w]}"
+        return table[field]
+
     def layer(i: int) -> LayerParams:
         def get(field: str) -> np.ndarray | None:
-            w = raw.get(f"layers.{i}.{table[field]}")
+            w = raw.get(f"layers.{i}.{hf_name(field)}")
             return norm(w) if field.endswith("norm") else w
 
-        return to_layer(cfg, get, lambda field: label(f"layers.{i}.{table[field]}"))
+        return to_layer(cfg, get, lambda field: label(f"layers.{i}.{hf_name(field)}"), i)
+
+    for key in raw:  # an expert the config does not have: the two disagree
+        match = re.match(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.", key)
+        if match and int(match.group(2)) >= cfg.num_experts:
+            raise WeightsError(
+                f"tensor {label(key)!r} is expert {match.group(2)}, but the config has "
+                f"num_experts={cfg.num_experts}"
+            )
 
     head = None
     if not cfg.tie_word_embeddings:

@@ -26,8 +26,10 @@ def to_layer(
     cfg: ModelConfig,
     get: Callable[[str], np.ndarray | None],
     label: Callable[[str], str] = lambda field: field,
+    layer: int = 0,
 ) -> LayerParams:
-    """Builds one LayerParams from torch-layout [out, in] matrices fetched by field name.
+    """Builds layer `layer`'s LayerParams from torch-layout [out, in] matrices fetched by field
+    name (a sparse layer's experts as "experts.{e}.w_gate" and so on, its router "router").
 
     `label(field)` is the tensor's name in the file, for error messages."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -41,28 +43,42 @@ def to_layer(
     def mat(field: str, shape: tuple[int, int]) -> np.ndarray:  # [out, in] -> [in, out]
         return np.ascontiguousarray(tensor(field, shape).T)
 
-    layer = LayerParams(
+    layer_params = LayerParams(
         attn_norm=tensor("attn_norm", (d,)),
         wq=proj("wq", n),
         wk=proj("wk", k),
         wv=proj("wv", k),
         wo=np.ascontiguousarray(tensor("wo", (d, n * h)).T.reshape(n, h, d)),
         mlp_norm=tensor("mlp_norm", (d,)),
-        w_gate=mat("w_gate", (cfg.intermediate_size, d)),
-        w_up=mat("w_up", (cfg.intermediate_size, d)),
-        w_down=mat("w_down", (d, cfg.intermediate_size)),
+        w_gate=None,
+        w_up=None,
+        w_down=None,
     )
+    if cfg.is_moe_layer(layer):
+        e, c = cfg.num_experts, cfg.moe_intermediate_size
+        layer_params.router = mat("router", (e, d))  # [D, E]
+
+        def stacked(w: str, shape: tuple[int, int]) -> np.ndarray:  # [E, in, out]
+            return np.stack([mat(f"experts.{i}.{w}", shape) for i in range(e)])
+
+        layer_params.w_gate = stacked("w_gate", (c, d))
+        layer_params.w_up = stacked("w_up", (c, d))
+        layer_params.w_down = stacked("w_down", (d, c))
+    else:
+        layer_params.w_gate = mat("w_gate", (cfg.intermediate_size, d))
+        layer_params.w_up = mat("w_up", (cfg.intermediate_size, d))
+        layer_params.w_down = mat("w_down", (d, cfg.intermediate_size))
     if cfg.qkv_bias:
-        layer.bq = tensor("bq", (n * h,)).reshape(n, h)
-        layer.bk = tensor("bk", (k * h,)).reshape(k, h)
-        layer.bv = tensor("bv", (k * h,)).reshape(k, h)
+        layer_params.bq = tensor("bq", (n * h,)).reshape(n, h)
+        layer_params.bk = tensor("bk", (k * h,)).reshape(k, h)
+        layer_params.bv = tensor("bv", (k * h,)).reshape(k, h)
     if cfg.qk_norm:
-        layer.q_norm = tensor("q_norm", (h,))
-        layer.k_norm = tensor("k_norm", (h,))
+        layer_params.q_norm = tensor("q_norm", (h,))
+        layer_params.k_norm = tensor("k_norm", (h,))
     if cfg.post_norms:
-        layer.post_attn_norm = tensor("post_attn_norm", (d,))
-        layer.post_mlp_norm = tensor("post_mlp_norm", (d,))
-    return layer
+        layer_params.post_attn_norm = tensor("post_attn_norm", (d,))
+        layer_params.post_mlp_norm = tensor("post_mlp_norm", (d,))
+    return layer_params
 
 
 def require(x: np.ndarray | None, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:

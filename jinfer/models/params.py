@@ -5,7 +5,7 @@ from it. Layers are kept as separate per-layer arrays (a tuple of `LayerParams`)
 slicing stacked weights inside the jitted layer loop measured ~8x slower on CPU.
 
 Logical axis names (mapped to mesh axes in `sharding.py`, never here):
-  vocab, embed, heads, kv_heads, head_dim, mlp, and None (replicated).
+  vocab, embed, heads, kv_heads, head_dim, mlp, experts, and None (replicated).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class LayerParams:
     wv: Any  # [D, K, H]
     wo: Any  # [N, H, D]
     mlp_norm: Any  # [D]
-    w_gate: Any  # [D, F]
-    w_up: Any  # [D, F]
-    w_down: Any  # [F, D]
+    w_gate: Any  # [D, F]; a sparse layer's experts: [E, D, C]
+    w_up: Any  # [D, F]; [E, D, C]
+    w_down: Any  # [F, D]; [E, C, D]
     bq: Any = None  # [N, H]        (qkv_bias)
     bk: Any = None  # [K, H]
     bv: Any = None  # [K, H]
@@ -50,6 +50,7 @@ class LayerParams:
     k_norm: Any = None  # [H]
     post_attn_norm: Any = None  # [D]  (post_norms)
     post_mlp_norm: Any = None  # [D]
+    router: Any = None  # [D, E]   (a sparse layer: each token's scores over the experts)
 
 
 @jax.tree_util.register_dataclass
@@ -61,7 +62,7 @@ class Params:
     lm_head: Any = None  # [D, V]; None when tied to `embed`
 
 
-def layer_specs(cfg: ModelConfig) -> LayerParams:
+def layer_specs(cfg: ModelConfig, layer: int = 0) -> LayerParams:
     d, f, n, k, h = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -91,6 +92,12 @@ def layer_specs(cfg: ModelConfig) -> LayerParams:
     if cfg.post_norms:
         specs.post_attn_norm = norm
         specs.post_mlp_norm = norm
+    if cfg.is_moe_layer(layer):
+        e, c = cfg.num_experts, cfg.moe_intermediate_size
+        specs.router = ParamSpec((d, e), ("embed", None))
+        specs.w_gate = ParamSpec((e, d, c), ("experts", "embed", "mlp"))
+        specs.w_up = ParamSpec((e, d, c), ("experts", "embed", "mlp"))
+        specs.w_down = ParamSpec((e, c, d), ("experts", "mlp", "embed"))
     return specs
 
 
@@ -99,7 +106,7 @@ def param_specs(cfg: ModelConfig) -> Params:
     d, v = cfg.hidden_size, cfg.vocab_size
     return Params(
         embed=ParamSpec((v, d), ("vocab", "embed")),
-        layers=tuple(layer_specs(cfg) for _ in range(cfg.num_layers)),
+        layers=tuple(layer_specs(cfg, i) for i in range(cfg.num_layers)),
         final_norm=ParamSpec((d,), ("embed",), "ones"),
         lm_head=None if cfg.tie_word_embeddings else ParamSpec((d, v), ("embed", "vocab")),
     )

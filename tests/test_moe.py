@@ -1,0 +1,135 @@
+"""Mixture-of-experts models against transformers: tiny random Qwen3-MoE checkpoints written by
+transformers (a dense layer among the sparse ones) load, and give its logits at every position
+and its greedy tokens through the engine; dropless routing holds when every token picks one
+expert; bad checkpoints are refused naming the tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_weights import ATOL, SEQ_LEN, TINY, hf_logits, jinfer_logits
+
+from jinfer.loader import WeightsError, load_weights
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+MOE = dict(
+    num_hidden_layers=3,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    mlp_only_layers=[1],  # layers 0 and 2 sparse, 1 dense
+    decoder_sparse_step=1,
+    tie_word_embeddings=False,
+)
+
+
+def write_qwen3_moe(directory: Path, seed: int = 0, **overrides) -> object:
+    """A random-weight Qwen3MoeForCausalLM saved as safetensors; the torch model (float32)."""
+    config = tf.Qwen3MoeConfig(**{**TINY, **MOE, **overrides})
+    torch.manual_seed(seed)
+    hf = tf.Qwen3MoeForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # norms off their init
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_moe_matches_transformers(norm_topk_prob: bool, tmp_path: Path) -> None:
+    hf = write_qwen3_moe(tmp_path, norm_topk_prob=norm_topk_prob)
+    cfg, params = load_weights(tmp_path)
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == (8, 2)
+    assert cfg.moe_layers == (True, False, True) and cfg.norm_topk_prob == norm_topk_prob
+    assert params.layers[0].w_gate.shape == (8, 64, 32) and params.layers[1].router is None
+    tokens = np.random.default_rng(1).integers(0, TINY["vocab_size"], SEQ_LEN).astype(np.int32)
+    expected = hf_logits(hf, tokens)
+    assert np.abs(expected).max() > 0.5, "logits too small to make the tolerance meaningful"
+    np.testing.assert_allclose(jinfer_logits(cfg, params, tokens), expected, rtol=0, atol=ATOL)
+
+
+def test_every_token_on_the_same_experts_is_dropless(tmp_path: Path) -> None:
+    """A router that sends every token to experts 3 and 5 (the other six get none): each of
+    the two runs all T tokens, no capacity limit, and the logits still match."""
+    hf = write_qwen3_moe(tmp_path)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[:, 0] = 10.0  # one residual dimension positive everywhere
+        for layer in (0, 2):
+            gate = hf.model.layers[layer].mlp.gate.weight  # [E, D]
+            gate.zero_()
+            gate[3, 0], gate[5, 0] = 5.0, 2.5  # scores 5x, 2.5x, 0, ...: experts 3 then 5
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tokens = np.random.default_rng(2).integers(0, TINY["vocab_size"], SEQ_LEN).astype(np.int32)
+    with torch.no_grad():
+        out = hf(torch.as_tensor(tokens[None]), output_router_logits=True, use_cache=False)
+    for logits in out.router_logits:  # (transformers agrees: every token on 3 and 5)
+        assert {tuple(sorted(r)) for r in logits.topk(2).indices.tolist()} == {(3, 5)}
+    cfg, params = load_weights(tmp_path)
+    np.testing.assert_allclose(
+        jinfer_logits(cfg, params, tokens), hf_logits(hf, tokens), rtol=0, atol=ATOL
+    )
+
+
+def test_greedy_tokens_through_the_engine_match_transformers(tmp_path: Path, smollm2_tokenizer):
+    from jinfer import LLM, SamplingParams
+
+    hf = write_qwen3_moe(tmp_path, vocab_size=49152)  # SmolLM2's tokenizer over its vocab
+    cfg, params = load_weights(tmp_path)
+    llm = LLM.from_params(
+        cfg, params, smollm2_tokenizer, max_model_len=128, max_num_seqs=4,
+        max_num_batched_tokens=32, dtype="float32", page_size=16,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 49152, n).tolist() for n in (5, 19, 40)]
+    params_ = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    compiles = llm.engine.num_compiles
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params_, use_tqdm=False)
+    assert llm.engine.num_compiles == compiles  # warm-up built every MoE program
+    for prompt, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.as_tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8
+            )
+        assert out.outputs[0].token_ids == ref[0, len(prompt) :].tolist()
+
+
+def _edit_checkpoint(directory: Path, drop: str | None = None, config: dict | None = None):
+    from safetensors.numpy import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    if drop is not None:
+        del tensors[drop]
+    save_file(tensors, str(path))
+    if config:
+        raw = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**raw, **config}))
+
+
+def test_a_missing_router_is_named(tmp_path: Path) -> None:
+    write_qwen3_moe(tmp_path)
+    _edit_checkpoint(tmp_path, drop="model.layers.2.mlp.gate.weight")
+    with pytest.raises(WeightsError, match="no tensor for 'model.layers.2.mlp.gate.weight'"):
+        load_weights(tmp_path)
+
+
+def test_a_missing_expert_is_named(tmp_path: Path) -> None:
+    write_qwen3_moe(tmp_path)
+    _edit_checkpoint(tmp_path, drop="model.layers.0.mlp.experts.7.up_proj.weight")
+    with pytest.raises(WeightsError, match="model.layers.0.mlp.experts.7.up_proj.weight"):
+        load_weights(tmp_path)
+
+
+def test_an_expert_count_the_tensors_disagree_with_is_named(tmp_path: Path) -> None:
+    write_qwen3_moe(tmp_path)
+    _edit_checkpoint(tmp_path, config={"num_experts": 4, "num_local_experts": 4})
+    with pytest.raises(
+        WeightsError, match="shape|is expert [4-7], but the config has num_experts=4"
+    ):
+        load_weights(tmp_path)
