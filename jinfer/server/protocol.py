@@ -339,6 +339,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
+def without_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """A chunk for a client that did not ask for usage (OpenAI sends no `usage` key then)."""
+    return {k: v for k, v in body.items() if k != "usage"}
+
+
 def completion_logprobs(
     entries: list[dict[int, Logprob]],
     token_ids: list[int],

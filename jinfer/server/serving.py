@@ -296,8 +296,6 @@ class Serving:
 
     def chat(self, body: P.ChatCompletionRequest) -> Generation:
         _refuse_unsupported(body)
-        if not body.messages:
-            raise bad_request("messages is empty: give at least one message", "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         tools = self._tool_calling(body)
@@ -326,6 +324,8 @@ class Serving:
         ]
 
     def _chat_ids(self, body: P.ChatCompletionRequest, tools: Any) -> list[int]:
+        if not body.messages:
+            raise bad_request("messages is empty: give at least one message", "messages")
         listed = tools.tools if tools is not None and tools.active else None
         ids = self.chat_prompt_ids(body.messages, body.add_generation_prompt, listed)
         return self._encode_prompt(ids, "messages", self._truncation(body))
@@ -334,8 +334,6 @@ class Serving:
         """The prompt token ids a request would run, one list per prompt, without running it
         (vLLM's /render: a KV-aware router matches them against the replicas' KV events)."""
         if isinstance(body, P.ChatCompletionRequest):
-            if not body.messages:
-                raise bad_request("messages is empty: give at least one message", "messages")
             return [self._chat_ids(body, self._tool_calling(body))]
         return [ids for ids, _ in self._completion_prompts(body)]
 
@@ -403,7 +401,7 @@ class Serving:
                     for j in range(gen.n)
                 ]  # fmt: skip
                 body = gen.response(first, None, chunk=True)
-                yield event({**body, **usage_field} if include_usage else _no_usage(body))
+                yield event({**body, **usage_field} if include_usage else P.without_usage(body))
             async for i, out in sub.outputs():
                 cached_tokens[i] = out.num_cached_tokens
                 choices = []
@@ -442,12 +440,11 @@ class Serving:
                     completion_tokens[key] = len(o.token_ids)
                 if choices:
                     body = gen.response(choices, None, chunk=True)
-                    yield event({**body, **usage_field} if include_usage else _no_usage(body))
+                    yield event({**body, **usage_field} if include_usage else P.without_usage(body))
             if include_usage:
                 prompt_tokens = sum(len(ids) for ids, _ in gen.prompts)
-                usage = P.usage(
-                    prompt_tokens, sum(completion_tokens.values()), sum(cached_tokens.values())
-                )
+                completion, cached = sum(completion_tokens.values()), sum(cached_tokens.values())
+                usage = P.usage(prompt_tokens, completion, cached)
                 yield event(gen.response([], usage, chunk=True))
         except ClientGone:
             return
@@ -499,7 +496,3 @@ class Serving:
                 message["tool_calls"] = [c.to_openai() for c in extracted.tool_calls]
                 finish["finish_reason"] = "tool_calls"
         return {"index": index, "message": message, "logprobs": logprobs, **finish}
-
-
-def _no_usage(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k != "usage"}
