@@ -59,7 +59,8 @@ def smollm2_tokenizer(request):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 49152):
-    """A 2-layer model with real-model features, small enough to compile in seconds."""
+    """A 2-layer model with real-model features, small enough to compile in seconds (`arch`:
+    llama, gemma3, or moe)."""
     from jinfer.config.model import ModelConfig
 
     common = dict(
@@ -85,6 +86,11 @@ def tiny_config(arch: str = "llama", vocab_size: int = 49152):
             hidden_act="gelu_tanh",
             embed_scale=8.0,
         )
+    if arch == "moe":  # Qwen3-MoE-like: a sparse layer (8 experts, top 2), then a dense one
+        return ModelConfig(
+            arch="llama", **common, qk_norm=True, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, moe_layers=(True, False),
+        )  # fmt: skip
     return ModelConfig(arch="llama", **common)
 
 

@@ -31,8 +31,8 @@ CHILD = textwrap.dedent(
     kw = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, num_pages=64)
     result = {}
     for tp in (1, 4):
-        if model == "tiny":
-            cfg = tiny_config("gemma3")
+        if model in ("tiny", "tiny-moe"):
+            cfg = tiny_config("gemma3" if model == "tiny" else "moe")
             tok = load_tokenizer(str(resolve_model("smollm2-135m-instruct")))
             llm = LLM.from_params(cfg, init_params(cfg, seed=1, std=0.2), tok,
                                   tensor_parallel_size=tp, warmup=False, **kw)
@@ -65,6 +65,13 @@ def _run(model: str) -> dict:
 
 def test_tp4_equals_tp1_tiny_model():
     result = _run("tiny")
+    assert result["1"] == result["4"]
+
+
+def test_tp4_equals_tp1_mixture_of_experts():
+    # Every device holds every expert, a quarter of each one's width, and the whole router:
+    # the grouped products shard like the dense MLP's products.
+    result = _run("tiny-moe")
     assert result["1"] == result["4"]
 
 
