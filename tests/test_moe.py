@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from test_weights import ATOL, SEQ_LEN, TINY, hf_logits, jinfer_logits
 
+from jinfer.config.model import ModelConfig
 from jinfer.loader import WeightsError, load_weights
+from jinfer.models import moe
+from jinfer.models.params import LayerParams
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -41,8 +44,13 @@ def write_qwen3_moe(directory: Path, seed: int = 0, **overrides) -> object:
     return hf
 
 
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_qwen3_moe_matches_transformers(norm_topk_prob: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "norm_topk_prob, gather_max_rows", [(True, 64), (False, 64), (True, 0)]
+)  # (0: the blocked product, as for many tokens)
+def test_qwen3_moe_matches_transformers(
+    norm_topk_prob: bool, gather_max_rows: int, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(moe, "GATHER_MAX_ROWS", gather_max_rows)
     hf = write_qwen3_moe(tmp_path, norm_topk_prob=norm_topk_prob)
     cfg, params = load_weights(tmp_path)
     assert (cfg.num_experts, cfg.num_experts_per_tok) == (8, 2)
@@ -74,6 +82,39 @@ def test_every_token_on_the_same_experts_is_dropless(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         jinfer_logits(cfg, params, tokens), hf_logits(hf, tokens), rtol=0, atol=ATOL
     )
+
+
+ROUTINGS = {
+    "random": lambda rng, t, e, x: np.stack([rng.choice(e, x, replace=False) for _ in range(t)]),
+    "two-experts-only": lambda rng, t, e, x: np.tile([3, 5], (t, 1)),
+    "one-token": lambda rng, t, e, x: np.arange(x)[None, :],
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("method", ["_ragged", "_gathered", "_blocked"])
+@pytest.mark.parametrize("tokens", [1, 7, 33])  # 33 x 2 rows: not a whole number of blocks
+def test_the_grouped_products_run_each_row_through_its_expert(method, routing, tokens):
+    e, top, d, c = 8, 2, 16, 12
+    rng = np.random.default_rng(0)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=8, hidden_size=d, intermediate_size=8, num_layers=1,
+        num_heads=1, num_kv_heads=1, head_dim=d, num_experts=e, num_experts_per_tok=top,
+        moe_intermediate_size=c,
+    )  # fmt: skip
+    if routing == "one-token":
+        tokens = 1
+    ids = ROUTINGS[routing](rng, tokens, e, top).astype(np.int32)  # [T, X]
+    w = {k: rng.standard_normal(s, np.float32) for k, s in
+         (("w_gate", (e, d, c)), ("w_up", (e, d, c)), ("w_down", (e, c, d)))}  # fmt: skip
+    x = rng.standard_normal((tokens, d), np.float32)
+    p = LayerParams(*[None] * 6, **w)
+    got = np.asarray(getattr(moe, method)(cfg, p, x, ids.reshape(-1), top))  # [T*X, D]
+    for i, expert in enumerate(ids.reshape(-1)):
+        row = x[i // top]
+        g, u = row @ w["w_gate"][expert], row @ w["w_up"][expert]
+        want = (g / (1 + np.exp(-g)) * u) @ w["w_down"][expert]
+        np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_tokens_through_the_engine_match_transformers(tmp_path: Path, smollm2_tokenizer):

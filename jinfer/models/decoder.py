@@ -20,6 +20,7 @@ from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig
 from jinfer.models.layers import activation, apply_rope, dense, rms_norm, rope_frequencies
+from jinfer.models.moe import moe_block
 from jinfer.models.params import LayerParams, Params
 
 
@@ -62,35 +63,6 @@ def attention_block(
 def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
     gate = activation(cfg, dense("td,df->tf", x, p.w_gate))  # [T, F]
     return dense("tf,fd->td", gate * dense("td,df->tf", x, p.w_up), p.w_down)  # [T, D]
-
-
-def moe_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:
-    """A mixture of experts, dropless: every token runs its top X experts, whatever the mix.
-
-    The T*X (token, expert) pairs are sorted by expert, so each expert's tokens are one
-    contiguous run, and each projection is one grouped product over the runs
-    (`lax.ragged_dot`, group sizes counted on the device): static shapes for any routing, no
-    capacity, no token dropped. The outputs go back to token order, weighted by the router."""
-    t, e, top = x.shape[0], cfg.num_experts, cfg.num_experts_per_tok
-    scores = dense("td,de->te", x, p.router, jnp.float32)  # [T, E]
-    probs = jax.nn.softmax(scores, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top)  # [T, X]
-    if cfg.norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    flat = experts.reshape(-1)  # [T*X]
-    order = jnp.argsort(flat, stable=True)  # pairs by expert
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E] tokens per expert
-    rows = x[order // top]  # [T*X, D]
-
-    def grouped(lhs: jax.Array, w: jax.Array) -> jax.Array:  # run i times expert i's weight
-        return jax.lax.ragged_dot(lhs, w, sizes, preferred_element_type=jnp.float32)
-
-    gate = activation(cfg, grouped(rows, p.w_gate))  # [T*X, C] float32
-    up = grouped(rows, p.w_up)
-    out = grouped((gate * up).astype(x.dtype), p.w_down)  # [T*X, D] float32
-    out = jnp.zeros_like(out).at[order].set(out)  # back to (token, k) order
-    w = weights.reshape(t * top, 1)
-    return jnp.sum((out * w).reshape(t, top, -1), axis=1).astype(x.dtype)  # [T, D]
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:  # [T, D]
