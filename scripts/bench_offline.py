@@ -56,6 +56,14 @@ RANDOM_SHAPES = {  # GPU runs: bigger shapes with random weights (no files trave
                       num_kv_heads=8, head_dim=64, tie_word_embeddings=True),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                       num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+    # Mixtures of experts: one scaled to a 2-core CPU, and Qwen3-30B-A3B's (fits one H200).
+    "moe-cpu": dict(hidden_size=1024, intermediate_size=2048, num_layers=4, num_heads=16,
+                    num_kv_heads=4, head_dim=64, qk_norm=True, num_experts=32,
+                    num_experts_per_tok=4, moe_intermediate_size=256, tie_word_embeddings=True),
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                          num_kv_heads=4, head_dim=128, qk_norm=True, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768,
+                          tie_word_embeddings=False),
 }  # fmt: skip
 
 
