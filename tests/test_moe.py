@@ -1,7 +1,8 @@
-"""Mixture-of-experts models against transformers: tiny random Qwen3-MoE checkpoints written by
-transformers (a dense layer among the sparse ones) load, and give its logits at every position
-and its greedy tokens through the engine; dropless routing holds when every token picks one
-expert; bad checkpoints are refused naming the tensor."""
+"""Mixture-of-experts models against transformers: tiny random Qwen3-MoE checkpoints (a
+dense layer among the sparse ones) and Mixtral ones (a sliding window too), written by
+transformers, load and give its logits at every position, and its greedy tokens through the
+engine; each grouped product runs every row through its own expert, whatever the routing (all
+tokens on the same experts, experts with none); bad checkpoints are refused naming the tensor."""
 
 from __future__ import annotations
 
@@ -31,11 +32,22 @@ MOE = dict(
 )
 
 
-def write_qwen3_moe(directory: Path, seed: int = 0, **overrides) -> object:
-    """A random-weight Qwen3MoeForCausalLM saved as safetensors; the torch model (float32)."""
-    config = tf.Qwen3MoeConfig(**{**TINY, **MOE, **overrides})
+MIXTRAL = dict(
+    num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def write_moe(directory: Path, seed: int = 0, kind: str = "qwen3_moe", **overrides):
+    """A random-weight Qwen3-MoE (or Mixtral) CausalLM saved as safetensors; the torch model."""
+    if kind == "mixtral":
+        config = tf.MixtralConfig(**{**TINY, **MIXTRAL, **overrides})
+        model = tf.MixtralForCausalLM
+    else:
+        config = tf.Qwen3MoeConfig(**{**TINY, **MOE, **overrides})
+        model = tf.Qwen3MoeForCausalLM
     torch.manual_seed(seed)
-    hf = tf.Qwen3MoeForCausalLM(config).float().eval()
+    hf = model(config).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
@@ -51,7 +63,7 @@ def test_qwen3_moe_matches_transformers(
     norm_topk_prob: bool, gather_max_rows: int, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setattr(moe, "GATHER_MAX_ROWS", gather_max_rows)
-    hf = write_qwen3_moe(tmp_path, norm_topk_prob=norm_topk_prob)
+    hf = write_moe(tmp_path, norm_topk_prob=norm_topk_prob)
     cfg, params = load_weights(tmp_path)
     assert (cfg.num_experts, cfg.num_experts_per_tok) == (8, 2)
     assert cfg.moe_layers == (True, False, True) and cfg.norm_topk_prob == norm_topk_prob
@@ -65,7 +77,7 @@ def test_qwen3_moe_matches_transformers(
 def test_every_token_on_the_same_experts_is_dropless(tmp_path: Path) -> None:
     """A router that sends every token to experts 3 and 5 (the other six get none): each of
     the two runs all T tokens, no capacity limit, and the logits still match."""
-    hf = write_qwen3_moe(tmp_path)
+    hf = write_moe(tmp_path)
     with torch.no_grad():
         hf.model.embed_tokens.weight[:, 0] = 10.0  # one residual dimension positive everywhere
         for layer in (0, 2):
@@ -82,6 +94,18 @@ def test_every_token_on_the_same_experts_is_dropless(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         jinfer_logits(cfg, params, tokens), hf_logits(hf, tokens), rtol=0, atol=ATOL
     )
+
+
+@pytest.mark.parametrize("window", [None, 8])  # 8 < SEQ_LEN: Mixtral's sliding window binds
+def test_mixtral_matches_transformers(window: int | None, tmp_path: Path) -> None:
+    hf = write_moe(tmp_path, kind="mixtral", sliding_window=window)
+    cfg, params = load_weights(tmp_path)
+    assert cfg.moe_layers == (True, True) and cfg.moe_intermediate_size == 32
+    assert cfg.sliding_window == window and cfg.norm_topk_prob
+    tokens = np.random.default_rng(4).integers(0, TINY["vocab_size"], SEQ_LEN).astype(np.int32)
+    expected = hf_logits(hf, tokens)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(jinfer_logits(cfg, params, tokens), expected, rtol=0, atol=ATOL)
 
 
 ROUTINGS = {
@@ -120,7 +144,7 @@ def test_the_grouped_products_run_each_row_through_its_expert(method, routing, t
 def test_greedy_tokens_through_the_engine_match_transformers(tmp_path: Path, smollm2_tokenizer):
     from jinfer import LLM, SamplingParams
 
-    hf = write_qwen3_moe(tmp_path, vocab_size=49152)  # SmolLM2's tokenizer over its vocab
+    hf = write_moe(tmp_path, vocab_size=49152)  # SmolLM2's tokenizer over its vocab
     cfg, params = load_weights(tmp_path)
     llm = LLM.from_params(
         cfg, params, smollm2_tokenizer, max_model_len=128, max_num_seqs=4,
@@ -154,21 +178,21 @@ def _edit_checkpoint(directory: Path, drop: str | None = None, config: dict | No
 
 
 def test_a_missing_router_is_named(tmp_path: Path) -> None:
-    write_qwen3_moe(tmp_path)
+    write_moe(tmp_path)
     _edit_checkpoint(tmp_path, drop="model.layers.2.mlp.gate.weight")
     with pytest.raises(WeightsError, match="no tensor for 'model.layers.2.mlp.gate.weight'"):
         load_weights(tmp_path)
 
 
 def test_a_missing_expert_is_named(tmp_path: Path) -> None:
-    write_qwen3_moe(tmp_path)
+    write_moe(tmp_path)
     _edit_checkpoint(tmp_path, drop="model.layers.0.mlp.experts.7.up_proj.weight")
     with pytest.raises(WeightsError, match="model.layers.0.mlp.experts.7.up_proj.weight"):
         load_weights(tmp_path)
 
 
 def test_an_expert_count_the_tensors_disagree_with_is_named(tmp_path: Path) -> None:
-    write_qwen3_moe(tmp_path)
+    write_moe(tmp_path)
     _edit_checkpoint(tmp_path, config={"num_experts": 4, "num_local_experts": 4})
     with pytest.raises(
         WeightsError, match="shape|is expert [4-7], but the config has num_experts=4"

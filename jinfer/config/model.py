@@ -23,7 +23,9 @@ Arch = Literal["llama", "gemma3"]
 LayerType = Literal["full", "sliding"]
 
 # HF `model_type` values handled by the Llama-family code path.
-_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "qwen3_moe")
+_LLAMA_FAMILY = (
+    "llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "qwen3_moe", "mixtral",
+)  # fmt: skip
 _GEMMA3_TYPES = ("gemma3", "gemma3_text")
 
 
@@ -310,10 +312,10 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}; supported: "
                 f"{', '.join(_LLAMA_FAMILY + _GEMMA3_TYPES)}"
             )
-        moe = _hf_moe(cfg, num_layers) if model_type == "qwen3_moe" else {}
+        moe = _hf_moe(cfg, num_layers) if model_type in ("qwen3_moe", "mixtral") else {}
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         types: tuple[LayerType, ...] = ()
-        if model_type == "mistral" and window:
+        if model_type in ("mistral", "mixtral") and window:
             types = ("sliding",) * num_layers
         elif (
             model_type in ("qwen2", "qwen3", "qwen3_moe")
@@ -335,9 +337,18 @@ class ModelConfig:
 
 
 def _hf_moe(cfg: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Qwen3-MoE's experts: layer i is sparse unless listed in `mlp_only_layers`, and only every
-    `decoder_sparse_step`-th layer is (transformers' rule)."""
+    """The experts of Qwen3-MoE (layer i is sparse unless listed in `mlp_only_layers`, and only
+    every `decoder_sparse_step`-th layer is: transformers' rule) and Mixtral (every layer
+    sparse, `intermediate_size` wide, the top X weights always renormalized)."""
     num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if cfg.get("model_type") == "mixtral":
+        return dict(
+            num_experts=num_experts,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 2),
+            moe_intermediate_size=int(cfg["intermediate_size"]),
+            norm_topk_prob=True,
+            moe_layers=(True,) * num_layers,
+        )
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or ())
     layers = tuple(

@@ -32,6 +32,8 @@ _HF_LAYER = {
     "router": "mlp.gate.weight",
 }
 _HF_EXPERT = {"w_gate": "gate_proj.weight", "w_up": "up_proj.weight", "w_down": "down_proj.weight"}
+# Mixtral names its sparse MLP `block_sparse_moe` and its experts' projections w1, w3, w2.
+_MIXTRAL_EXPERT = {"w_gate": "w1.weight", "w_up": "w3.weight", "w_down": "w2.weight"}
 
 
 _HF_LAYER_LLAMA = {"mlp_norm": "post_attention_layernorm.weight"}
@@ -132,10 +134,15 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
         w = np.asarray(w, np.float32)
         return w + 1.0 if gemma else w  # Gemma's RMSNorm multiplies by (1 + w)
 
+    mixtral = any(".block_sparse_moe." in k for k in raw)
+    sparse, expert_names = ("block_sparse_moe", _MIXTRAL_EXPERT) if mixtral else ("mlp", _HF_EXPERT)
+
     def hf_name(field: str) -> str:
         if field.startswith("experts."):  # experts.{e}.w_gate -> mlp.experts.{e}.gate_proj.weight
             _, e, w = field.split(".")
-            return f"mlp.experts.{e}.{_HF_EXPERT[w]}"
+            return f"{sparse}.experts.{e}.{expert_names[w]}"
+        if field == "router":
+            return f"{sparse}.gate.weight"
         return table[field]
 
     def layer(i: int) -> LayerParams:
@@ -146,7 +153,7 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
         return to_layer(cfg, get, lambda field: label(f"layers.{i}.{hf_name(field)}"), i)
 
     for key in raw:  # an expert the config does not have: the two disagree
-        match = re.match(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.", key)
+        match = re.match(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.", key)
         if match and int(match.group(2)) >= cfg.num_experts:
             raise WeightsError(
                 f"tensor {label(key)!r} is expert {match.group(2)}, but the config has "
