@@ -116,7 +116,7 @@ def model_floors(cfg: ModelConfig, itemsize: int, work: Work, ceilings: dict) ->
     mean_ctx = np.mean([len(p) + o / 2 for p, o in pairs])
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_ctx  # QK^T and PV
     flops = cfg.flops_per_token() + attn
-    weight_bytes = cfg.num_params() * itemsize
+    weight_bytes = cfg.num_params(active=True) * itemsize  # (a mixture: the experts a token runs)
     return {
         "gflop_per_token": round(flops / 1e9, 3),
         "compute_roofline_tok_s": round(ceilings["gemm_gflop_s"] * 1e9 / flops, 1),

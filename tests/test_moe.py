@@ -198,3 +198,16 @@ def test_an_expert_count_the_tensors_disagree_with_is_named(tmp_path: Path) -> N
         WeightsError, match="shape|is expert [4-7], but the config has num_experts=4"
     ):
         load_weights(tmp_path)
+
+
+def test_a_mixture_counts_all_its_weights_and_reads_only_the_active_ones():
+    from conftest import tiny_config
+
+    cfg = tiny_config("moe")  # layer 0: 8 experts of width 32, top 2; layer 1 dense (128)
+    d, v = cfg.hidden_size, cfg.vocab_size
+    attn = 2 * d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    dense = 3 * d * 128
+    assert cfg.num_params() == attn + d * 8 + 3 * d * 32 * 8 + dense + v * d
+    assert cfg.num_params(active=True) == attn + d * 8 + 3 * d * 32 * 2 + dense + v * d
+    # (Tied: the embedding, counted once, is the head's product.) Two FLOPs per active weight.
+    assert cfg.flops_per_token() == 2 * cfg.num_params(active=True)

@@ -171,10 +171,12 @@ class ModelConfig:
         experts = self.num_experts_per_tok if active else self.num_experts
         return d * self.num_experts + 3 * d * self.moe_intermediate_size * experts
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
+        """Weights in all (`active`: those one token's forward pass reads: a mixture of experts
+        counts the X experts a token runs, not all E)."""
         d, h = self.hidden_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlps = sum(self._mlp_params(i, active=False) for i in range(self.num_layers))
+        mlps = sum(self._mlp_params(i, active) for i in range(self.num_layers))
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * attn + mlps + embed
 
