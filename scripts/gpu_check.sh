@@ -2,14 +2,15 @@
 # One call on a GPU machine (< 10 minutes on one H100/H200): environment facts, the kernel tests
 # with compiled (not interpreted) kernels plus a tiny engine end to end, the decode-attention
 # microbenchmark (GB/s vs a measured copy), the decode step of a random-weight Llama-3-8B-shaped
-# model (XLA vs Pallas attention, ms per step vs the weight-read floor), and the offline
+# model (XLA vs Pallas attention, ms per step vs the weight-read floor), the decode step of a
+# Qwen3-30B-A3B-shaped mixture of experts (vs the weights its tokens' experts read), the offline
 # benchmark (jinfer vs transformers, random Llama-3.2-1B shape), the control flow left in the
 # GPU step programs, and async scheduling against the synchronous loop; ends with one table.
 #
 # Usage (repo root):  bash scripts/gpu_check.sh [OUT_DIR]     # on the GPU machine
 #                     bash scripts/gpu_check.sh --dry-run      # on CPU: every stage, tiny sizes
 # The engine tests need SmolLM2's tokenizer, which travels as .gpu/smollm2-tokenizer (an HF dir;
-# `make gpu-kit` writes it). Each stage has its own timeout (180 + 130 + 30 + 140 + 170 + 60 +
+# `make gpu-kit` writes it). Each stage has its own timeout (180 + 130 + 30 + 140 + 120 + 170 + 60 +
 # 150 s) and every benchmark appends its rows as it goes, so a stage cut short keeps what it
 # measured.
 # Keep the log: copy OUT_DIR/gpu_check.log to docs/gpu_runs/DATE-CARD.log and the table into
@@ -49,6 +50,9 @@ PYEOF
     timeout 120 $PY scripts/bench_attention.py --small --json "$OUT/attention.jsonl"
     stage "decode step (dry run)"
     timeout 120 $PY scripts/bench_step.py --small --matmul-only --json "$OUT/step.jsonl"
+    stage "decode step, a mixture of experts (dry run)"
+    timeout 120 $PY scripts/bench_step.py --shape moe-tiny --dtype float32 --batch 2 --context 40 \
+      --copy-bytes 1048576 --json "$OUT/step.jsonl"
     stage "offline: jinfer vs transformers (dry run)"
     timeout 300 $PY scripts/bench_offline.py --random-shape tiny --small \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
@@ -70,6 +74,9 @@ PYEOF
     stage "decode step, Llama-3-8B shape, bf16, random weights: Pallas vs XLA attention"
     timeout 140 $PY scripts/bench_step.py --shape llama3-8b --batch 1 64 --context 4096 \
       --attention-backend pallas xla --matmul-only --json "$OUT/step.jsonl"
+    stage "decode step, Qwen3-30B-A3B shape (128 experts, top 8), bf16, random weights"
+    timeout 120 $PY scripts/bench_step.py --shape qwen3-30b-a3b --batch 1 64 --context 4096 \
+      --json "$OUT/step.jsonl"
     stage "offline: jinfer vs transformers, Llama-3.2-1B shape, random weights, bf16"
     timeout 170 $PY scripts/bench_offline.py --random-shape llama3-1b --profile-host 25 \
       --tokenizer "$JINFER_SMOLLM2_TOKENIZER" --json "$OUT/offline.jsonl" 2>&1 | grep -v INFO
