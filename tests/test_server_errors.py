@@ -272,6 +272,7 @@ def test_a_dying_engine_ends_streams_with_an_error_and_health_says_503(tok):
         assert httpx.get(s.url + "/health").status_code == 503
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503
+        assert httpx.post(s.url + "/reset_prefix_cache").status_code == 503  # no hang either
 
 
 @pytest.mark.parametrize("exit_on_engine_error", [True, False])

@@ -273,6 +273,11 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._pending):
             self._fail(request_id, EngineDeadError(f"the engine loop stopped: {error!r}"))
+        with self._lock:  # calls the loop will never run
+            calls = [payload for kind, payload in self._inbox if kind == "call"]
+            self._inbox = [item for item in self._inbox if item[0] != "call"]
+        for _, future in calls:
+            _settle(future, None, EngineDeadError(f"the engine loop stopped: {error!r}"))
         if self.on_dead is not None:
             self.on_dead(error)
 

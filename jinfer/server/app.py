@@ -353,7 +353,10 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
         """vLLM's: forgets every cached prefix no running request holds (benchmarks use it to
         start cold; a router's KV events say so: all blocks cleared)."""
         serving = state.require_ready()
-        await serving.engine.call(serving.engine.engine.reset_prefix_cache)
+        try:
+            await serving.engine.call(serving.engine.engine.reset_prefix_cache)
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="unavailable") from None
         return Response(status_code=200)
 
     @v1.post("/completions/render")
