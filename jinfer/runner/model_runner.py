@@ -298,7 +298,7 @@ class ModelRunner:
     ) -> jax.Array:  # [rows, V] float32
         """Dispatches a forward pass of packed inputs (a process group's followers call it
         with the leader's)."""
-        logits, self.cache = steps.forward_packed(
+        logits, self.cache = steps.forward(
             self.params, self.cfg, self.cache, layout, ibuf, fbuf, prev_tokens,
             self.compile_unit, self._layer_kinds, num_layers,
         )  # fmt: skip

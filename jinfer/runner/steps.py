@@ -73,33 +73,16 @@ def forward(
     params: Params,
     cfg: ModelConfig,
     cache: KVCache,
-    inputs: tuple,  # (tokens [T], prev_idx [T], AttentionMetadata, logits_idx [rows]), host
+    layout: packing.Layout,  # of the step's inputs (tokens [T], prev_idx [T],
+    ibuf: np.ndarray,  # [Ni] int32     AttentionMetadata, logits_idx [rows]), packed
+    fbuf: np.ndarray,  # [Nf] float32   on the host: `packing.pack`
     prev_tokens: jax.Array,  # [R] int32: the previous step's sampled tokens, on the device
     compile_unit: str,  # "step" or "layer"
     layer_kinds: tuple[LayerKind, ...],  # cfg.layer_kind(i) of every layer, for "layer"
     num_layers: int | None = None,  # layer programs: run only the first n layers (warm-up)
 ) -> tuple[jax.Array, KVCache]:  # logits [rows, V] float32, the updated cache
-    """Dispatches one step's forward pass (it returns before the device is done)."""
-    layout, ibuf, fbuf = packing.pack(inputs)
-    return forward_packed(
-        params, cfg, cache, layout, ibuf, fbuf, prev_tokens, compile_unit, layer_kinds, num_layers
-    )
-
-
-def forward_packed(
-    params: Params,
-    cfg: ModelConfig,
-    cache: KVCache,
-    layout: packing.Layout,  # of the step's inputs, as `forward` takes them
-    ibuf: np.ndarray,  # [Ni] int32
-    fbuf: np.ndarray,  # [Nf] float32
-    prev_tokens: jax.Array,  # [R] int32
-    compile_unit: str,
-    layer_kinds: tuple[LayerKind, ...],
-    num_layers: int | None = None,
-) -> tuple[jax.Array, KVCache]:
-    """`forward` of inputs packed already (the runner packs them once, for a process group's
-    followers too)."""
+    """Dispatches one step's forward pass (it returns before the device is done). The runner
+    packs the inputs, so a process group's followers get the very buffers it runs."""
     if compile_unit == "step":
         return _forward_step(params, cfg, layout, ibuf, fbuf, prev_tokens, cache)
     ibuf, fbuf = jax.device_put((ibuf, fbuf))  # once, not once per layer
