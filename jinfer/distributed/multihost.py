@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jinfer.config.cli import flag
 from jinfer.config.engine import EngineConfig
 from jinfer.distributed.channel import Channel, ChannelClosed
 
@@ -358,8 +359,7 @@ def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | Non
     for name, value in _jsonable(mine).items():
         other = theirs.get(name, "<missing>")
         if other != value:
-            flag = "--" + name.replace("_", "-")
-            return f"{flag} is {value!r} on rank 0 and {other!r} there"
+            return f"{flag(name)} is {value!r} on rank 0 and {other!r} there"
     return None
 
 

@@ -351,7 +351,7 @@ def create_app(config: ServerConfig, load: Loader) -> FastAPI:
     @app.post("/reset_prefix_cache", dependencies=[Depends(check_api_key)])
     async def reset_prefix_cache() -> Response:
         """vLLM's: forgets every cached prefix no running request holds (benchmarks use it to
-        start cold; a router's KV events say so: all blocks cleared)."""
+        start cold; the KV events name the pages removed)."""
         serving = state.require_ready()
         try:
             await serving.engine.call(serving.engine.engine.reset_prefix_cache)
