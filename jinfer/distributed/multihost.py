@@ -139,8 +139,6 @@ class ProcessGroup:
             self._accept(address, deadline)
         else:
             self._join(address, deadline)
-        self._start_lifecycle()
-        atexit.register(self.close)
 
     def _accept(self, address: tuple[str, int], deadline: float) -> None:
         server = socket.create_server(address, family=_family(address[0]), reuse_port=False)
@@ -326,6 +324,10 @@ def join(config: EngineConfig, model: str) -> ProcessGroup:
     group.connect()  # first: jaxlib aborts the process on a coordinator it cannot reach
     initialize(config)
     group_devices(config.tensor_parallel_size, config.nnodes)  # refuse a mesh that cannot be
+    # Loss detection only now: a rank refusing the group above exits, and its peers must refuse
+    # it for their own reason, not report it lost.
+    group._start_lifecycle()
+    atexit.register(group.close)
     log.info(
         "rank %d of %d joined (%d devices in all)", group.rank, group.nnodes, jax.device_count()
     )

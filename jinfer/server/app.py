@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jinfer
+from jinfer.distributed.multihost import EXIT_GRACE
 from jinfer.engine.async_engine import AsyncEngine, EngineDeadError
 from jinfer.server import protocol as P
 from jinfer.server.errors import APIError, bad_request, validation_error
@@ -118,6 +119,12 @@ class ServerState:
         unless told to stay up."""
         self.exit_code = 1
         if self.config.exit_on_engine_error and self.request_exit is not None:
+            group = getattr(getattr(self.async_engine, "engine", None), "group", None)
+            if group is not None:  # a collective failed: the group names the lost rank and
+                # exits 1 itself (multihost.ProcessGroup.lost); exit here only if it does not
+                log.error("the engine loop died: waiting for the process group to name the cause")
+                self.loop.call_later(2 * EXIT_GRACE, self.request_exit)
+                return
             log.error("the engine loop died: shutting down (exit status 1)")
             self.request_exit()
 
