@@ -44,7 +44,7 @@ from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, re
 
 from jinfer import LLM, SamplingParams
 from jinfer.config.engine import COMPILE_UNITS, DTYPES
-from jinfer.config.model import ModelConfig
+from jinfer.config.model import ModelConfig, RopeScaling
 from jinfer.loader import named_models
 
 log = logging.getLogger("bench_offline")
@@ -64,6 +64,16 @@ RANDOM_SHAPES = {  # GPU runs: bigger shapes with random weights (no files trave
                           num_kv_heads=4, head_dim=128, qk_norm=True, num_experts=128,
                           num_experts_per_tok=8, moe_intermediate_size=768,
                           tie_word_embeddings=False),
+    # gpt-oss-20b's (bfloat16: ~42 GB, one H200): sinks, alternating 128-token windows, YaRN.
+    "gpt-oss-20b": dict(hidden_size=2880, intermediate_size=2880, num_layers=24, num_heads=64,
+                        num_kv_heads=8, head_dim=64, num_experts=32, num_experts_per_tok=4,
+                        moe_intermediate_size=2880, layer_types=("sliding", "full") * 12,
+                        sliding_window=128, attention_sinks=True, qkv_bias=True, o_bias=True,
+                        router_bias=True, expert_bias=True, swiglu_limit=7.0, rope_theta=150000.0,
+                        rope_scaling=RopeScaling("yarn", 32.0, attention_factor=1.3466,
+                                                 original_max_position_embeddings=4096,
+                                                 truncate=False),
+                        max_position_embeddings=131072, tie_word_embeddings=False),
 }  # fmt: skip
 
 

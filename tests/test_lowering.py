@@ -13,7 +13,7 @@ OPTIONS = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=32)
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "moe"])  # moe: ragged_dot, no branch
 def test_accelerator_step_programs_leave_no_decision_to_the_device(arch, platform):
     runner = runner_for(tiny_config(arch, vocab_size=512), EngineConfig(**OPTIONS), platform)
     lowered = runner.lower(LOWERING_PLATFORM[platform])

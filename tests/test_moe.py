@@ -38,20 +38,38 @@ MIXTRAL = dict(
 )  # fmt: skip
 
 
+# gpt-oss: sliding (window 8 < SEQ_LEN) and full layers, YaRN rope over a context short enough
+# that its ramp falls inside the 8 frequencies of head_dim 16, and a SwiGLU limit low enough to
+# clamp.
+GPT_OSS = dict(
+    num_hidden_layers=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+    sliding_window=8, swiglu_limit=0.4, tie_word_embeddings=False,
+    rope_parameters=dict(
+        rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+        truncate=False, original_max_position_embeddings=4096,
+    ),
+)  # fmt: skip
+
+KINDS = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", MOE),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", MIXTRAL),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", GPT_OSS),
+}
+
+
 def write_moe(directory: Path, seed: int = 0, kind: str = "qwen3_moe", **overrides):
-    """A random-weight Qwen3-MoE (or Mixtral) CausalLM saved as safetensors; the torch model."""
-    if kind == "mixtral":
-        config = tf.MixtralConfig(**{**TINY, **MIXTRAL, **overrides})
-        model = tf.MixtralForCausalLM
-    else:
-        config = tf.Qwen3MoeConfig(**{**TINY, **MOE, **overrides})
-        model = tf.Qwen3MoeForCausalLM
+    """A random-weight Qwen3-MoE, Mixtral or gpt-oss CausalLM saved as safetensors (norms,
+    biases and sinks off their init); the torch model."""
+    config_cls, model_cls, extra = KINDS[kind]
+    config = getattr(tf, config_cls)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
-    hf = model(config).float().eval()
+    hf = getattr(tf, model_cls)(config).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)  # norms off their init
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # norms and biases off their init
+            if "sinks" in name:
+                p.copy_(torch.randn_like(p) * 2.0)  # sinks that take a share of the softmax
     hf.save_pretrained(directory, safe_serialization=True)
     return hf
 
@@ -108,10 +126,47 @@ def test_mixtral_matches_transformers(window: int | None, tmp_path: Path) -> Non
     np.testing.assert_allclose(jinfer_logits(cfg, params, tokens), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("gather_max_rows", [64, 0])  # the gathered and the blocked products
+def test_gpt_oss_matches_transformers(gather_max_rows: int, tmp_path: Path, monkeypatch) -> None:
+    """Attention sinks, q/k/v/o biases, alternating sliding and full layers, YaRN rope, the
+    biased router and experts, the clamped SwiGLU, gate and up interleaved in one tensor."""
+    monkeypatch.setattr(moe, "GATHER_MAX_ROWS", gather_max_rows)
+    hf = write_moe(tmp_path, kind="gpt_oss")
+    cfg, params = load_weights(tmp_path)
+    assert cfg.layer_types == ("sliding", "full") and cfg.sliding_window == 8
+    assert cfg.attention_sinks and cfg.o_bias and cfg.router_bias and cfg.expert_bias
+    assert cfg.swiglu_limit == pytest.approx(0.4) and cfg.rope_scaling.kind == "yarn"
+    assert cfg.rope_scaling.attention_factor == pytest.approx(0.1 * np.log(32) + 1)
+    assert params.layers[0].w_gate.shape == (8, 64, 32) and params.layers[0].sinks.shape == (4,)
+    tokens = np.random.default_rng(5).integers(0, TINY["vocab_size"], SEQ_LEN).astype(np.int32)
+    expected = hf_logits(hf, tokens)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(jinfer_logits(cfg, params, tokens), expected, rtol=0, atol=ATOL)
+
+
+def test_gpt_oss_without_its_sinks_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    write_moe(tmp_path, kind="gpt_oss")
+    _edit_checkpoint(tmp_path, drop="model.layers.1.self_attn.sinks")
+    with pytest.raises(WeightsError, match="no tensor for 'model.layers.1.self_attn.sinks'"):
+        load_weights(tmp_path)
+
+
+def test_gpt_oss_stacked_experts_of_another_count_are_named(tmp_path: Path) -> None:
+    write_moe(tmp_path, kind="gpt_oss")
+    _edit_checkpoint(tmp_path, config={"num_local_experts": 4})
+    with pytest.raises(WeightsError, match=r"mlp.router.weight' has shape \(8, 64\)"):
+        load_weights(tmp_path)
+
+
 ROUTINGS = {
     "random": lambda rng, t, e, x: np.stack([rng.choice(e, x, replace=False) for _ in range(t)]),
     "two-experts-only": lambda rng, t, e, x: np.tile([3, 5], (t, 1)),
     "one-token": lambda rng, t, e, x: np.arange(x)[None, :],
+    # Expert parallelism: rows of another device's experts come as expert e (none here); the
+    # others must still be right.
+    "some-elsewhere": lambda rng, t, e, x: np.stack(
+        [rng.choice(e + 1, x, replace=False) for _ in range(t)]
+    ),
 }
 
 
@@ -134,17 +189,25 @@ def test_the_grouped_products_run_each_row_through_its_expert(method, routing, t
     x = rng.standard_normal((tokens, d), np.float32)
     p = LayerParams(*[None] * 6, **w)
     got = np.asarray(getattr(moe, method)(cfg, p, x, ids.reshape(-1), top))  # [T*X, D]
+    assert np.all(np.isfinite(got))
     for i, expert in enumerate(ids.reshape(-1)):
+        if expert == e:  # another device's: the caller masks it
+            continue
         row = x[i // top]
         g, u = row @ w["w_gate"][expert], row @ w["w_up"][expert]
         want = (g / (1 + np.exp(-g)) * u) @ w["w_down"][expert]
         np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_tokens_through_the_engine_match_transformers(tmp_path: Path, smollm2_tokenizer):
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_greedy_tokens_through_the_engine_match_transformers(
+    kind: str, tmp_path: Path, smollm2_tokenizer
+):
+    """Chunked prefill (query blocks, one request's and several) and decodes: for gpt-oss every
+    XLA attention path starts from the sinks."""
     from jinfer import LLM, SamplingParams
 
-    hf = write_moe(tmp_path, vocab_size=49152)  # SmolLM2's tokenizer over its vocab
+    hf = write_moe(tmp_path, kind=kind, vocab_size=49152)  # SmolLM2's tokenizer over its vocab
     cfg, params = load_weights(tmp_path)
     llm = LLM.from_params(
         cfg, params, smollm2_tokenizer, max_model_len=128, max_num_seqs=4,

@@ -27,6 +27,15 @@ def test_auto_picks_kernels_on_accelerators_and_xla_on_cpu():
         resolve_backend("triton", "cpu")
 
 
+def test_a_model_with_attention_sinks_gets_xla_and_pallas_asked_for_is_refused():
+    """The kernels have no sinks yet (gpt-oss): auto takes XLA everywhere, and asking for the
+    kernels is an error that names what they lack, not a model computed without its sinks."""
+    for platform in ("gpu", "tpu", "cpu"):
+        assert resolve_backend("auto", platform, head_dim=64, sinks=True) is XLA
+    with pytest.raises(ValueError, match="'pallas' has no attention sinks.*use xla"):
+        resolve_backend("pallas", "gpu", head_dim=64, sinks=True)
+
+
 def test_engine_batch_becomes_one_run_per_request():
     # row 3: a 3-token chunk at 7..9; row 5: a decode at 4; row 1: a first token; 2 padding tokens
     meta = AttentionMetadata(

@@ -139,6 +139,23 @@ HF_CASES = {
     ),
     "qwen2-qkv-bias": ("qwen2", dict(tie_word_embeddings=False), {}),
     "qwen3-qk-norm": ("qwen3", dict(tie_word_embeddings=True), {}),
+    # YaRN rope (its attention factor from mscale and mscale_all_dim, its ramp inside head_dim
+    # 16's frequencies), attention_bias: q/k/v and o_proj biases.
+    "llama-yarn-attention-bias": (
+        "llama",
+        dict(
+            attention_bias=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=8.0,
+                mscale=2.0,
+                mscale_all_dim=1.0,
+                original_max_position_embeddings=4096,
+            ),
+        ),
+        {},
+    ),  # fmt: skip
     # 4 layers mixing sliding (window 8 < SEQ_LEN) and global attention, final soft-capping, and
     # a query scale that is not head_dim ** -0.5. (No attn_logit_softcapping: transformers'
     # Gemma 3 reads it but never applies it, and real Gemma 3 configs have it null.)

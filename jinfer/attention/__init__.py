@@ -35,15 +35,27 @@ def get_backend(name: str) -> AttentionBackend:
 
 
 def resolve_backend(
-    name: str, platform: str, head_dim: int = 128, tensor_parallel_size: int = 1
+    name: str,
+    platform: str,
+    head_dim: int = 128,
+    tensor_parallel_size: int = 1,
+    sinks: bool = False,
 ) -> AttentionBackend:
     """The backend `name` means: itself, or for `auto` the first backend native to `platform`
     that does not declare the model or mesh unsupported (the Pallas kernels on GPU/TPU, XLA on
-    CPU). A backend named explicitly is taken as asked ("pallas" on CPU: the interpreter)."""
+    CPU). A backend named explicitly is taken as asked ("pallas" on CPU: the interpreter),
+    unless it cannot compute the model at all (`sinks`: attention sinks, gpt-oss)."""
     if name != "auto":
-        return get_backend(name)
+        backend = get_backend(name)
+        if sinks and not backend.serves_sinks:
+            serving = ", ".join(b.name for b in BACKENDS.values() if b.serves_sinks)
+            raise ValueError(
+                f"attention_backend={name!r} has no attention sinks, which this model "
+                f"(gpt-oss) needs; use {serving}"
+            )
+        return backend
     for backend in BACKENDS.values():
-        if platform not in backend.native_platforms:
+        if platform not in backend.native_platforms or (sinks and not backend.serves_sinks):
             continue
         why_not = backend.unsupported(platform, head_dim, tensor_parallel_size)
         if why_not is None:
@@ -88,5 +100,9 @@ def paged_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # [N]: each head's sink logit (gpt-oss), or None
 ) -> jax.Array:  # [T, N, H]
-    return meta.backend.attend(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+    opts = dict(window=window, softcap=softcap)
+    if sinks is not None:  # (only backends that serve sinks take the keyword)
+        opts["sinks"] = sinks
+    return meta.backend.attend(q, k_pages, v_pages, meta, **opts)

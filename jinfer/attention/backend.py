@@ -8,7 +8,8 @@ backend's name: they ask the object (`AttentionMetadata.backend`, `EngineConfig.
 
     backend  layout  page  prefill              auto picks it on
     xla      head    64    query blocks of 16   CPU, and wherever Pallas does not serve
-    pallas   token   16    ragged runs          GPU (head_dim a power of two), TPU; TP = 1
+    pallas   token   16    ragged runs          GPU (head_dim a power of two), TPU; TP = 1;
+                                                no attention sinks (gpt-oss: xla) yet
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AttentionBackend:
     query_block: int
     native_platforms: tuple[str, ...]  # where `auto` may pick it (elsewhere: only if asked)
     reads_any_cache_dtype: bool  # may the KV cache be in a dtype other than the model's?
+    serves_sinks: bool = False  # attention sinks (`attend(..., sinks=)`, gpt-oss)
 
     def storage_dtype(self, dtype: Any) -> Any:
         """The dtype a pool of `dtype` keys and values is stored in."""

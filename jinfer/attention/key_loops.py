@@ -33,6 +33,18 @@ def online_softmax_step(
     return m_new, denom * corr + p.sum(axis=-1), p, corr
 
 
+def initial_state(
+    shape: tuple[int, ...], sinks: jax.Array | None, head_dim: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(m, denom, acc) [*shape], [*shape], [*shape, H] before the first key block: empty, or,
+    with attention sinks (gpt-oss; `sinks` broadcasts to `shape`), already holding each head's
+    sink as a key of score `sink` and value zero, so it only adds to the denominator."""
+    acc = jnp.zeros((*shape, head_dim), jnp.float32)
+    if sinks is None:
+        return jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32), acc
+    return jnp.broadcast_to(sinks.astype(jnp.float32), shape), jnp.ones(shape, jnp.float32), acc
+
+
 def grouped_map(
     loop: Callable[..., jax.Array],
     xs: tuple[jax.Array, ...],  # each [M, ...]

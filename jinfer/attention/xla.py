@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jinfer.attention import kv_cache
 from jinfer.attention.backend import AttentionBackend
-from jinfer.attention.key_loops import NEG_INF, grouped_map, online_softmax_step
+from jinfer.attention.key_loops import grouped_map, initial_state, online_softmax_step
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.attention.xla_prefill import QUERY_BLOCK, blocked_paged_attention
 from jinfer.config.cache import SCRATCH_PAGE
@@ -46,6 +46,7 @@ class XlaBackend(AttentionBackend):
     query_block = QUERY_BLOCK
     native_platforms = ("cpu", "gpu", "tpu")
     reads_any_cache_dtype = True  # read_pages upcasts each gathered page
+    serves_sinks = True  # each loop starts from the sink (key_loops.initial_state)
 
     def storage_dtype(self, dtype: Any) -> Any:
         """bfloat16 pools as their 16-bit patterns: XLA:CPU moves a widening convert (or a
@@ -53,8 +54,10 @@ class XlaBackend(AttentionBackend):
         bits gathered and shifted stay per block (`kv_cache.read_pages`)."""
         return kv_cache.BF16_BITS if jnp.dtype(dtype) == jnp.bfloat16 else dtype
 
-    def attend(self, q, k_pages, v_pages, meta, *, window, softcap):
-        return xla_paged_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+    def attend(self, q, k_pages, v_pages, meta, *, window, softcap, sinks=None):
+        return xla_paged_attention(
+            q, k_pages, v_pages, meta, window=window, softcap=softcap, sinks=sinks
+        )
 
 
 XLA = XlaBackend()
@@ -68,11 +71,13 @@ def xla_paged_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # [N] each head's sink logit (gpt-oss), or None
 ) -> jax.Array:  # [T, N, H]
     """Region A per token, the prefill region (if any) in query blocks; the split is static."""
     blocked = meta.num_blocked_tokens
+    opts = dict(window=window, softcap=softcap, sinks=sinks)
     if blocked == 0:
-        return _per_token_attention(q, k_pages, v_pages, meta, window=window, softcap=softcap)
+        return _per_token_attention(q, k_pages, v_pages, meta, **opts)
     a = q.shape[0] - blocked
     out_b = blocked_paged_attention(
         q[a:],
@@ -82,8 +87,7 @@ def xla_paged_attention(
         meta.block_rows,
         meta.block_lens,
         meta.block_tables,
-        window=window,
-        softcap=softcap,
+        **opts,
     )  # [NB * Bq, N, H]
     if a == 0:
         return out_b
@@ -95,7 +99,7 @@ def xla_paged_attention(
         block_rows=None,
         block_lens=None,
     )
-    out_a = _per_token_attention(q[:a], k_pages, v_pages, region_a, window=window, softcap=softcap)
+    out_a = _per_token_attention(q[:a], k_pages, v_pages, region_a, **opts)
     return jnp.concatenate([out_a, out_b], axis=0)
 
 
@@ -119,6 +123,7 @@ def _per_token_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # [N]
 ) -> jax.Array:  # [T, N, H]
     """Each token gathers its own copy of its request's KV pages: right for decodes.
 
@@ -137,7 +142,12 @@ def _per_token_attention(
     real = meta.slot_mapping // page_size != SCRATCH_PAGE  # [T]
 
     loop = functools.partial(
-        _token_loop, k_pages=k_pages, v_pages=v_pages, window=window, softcap=softcap
+        _token_loop,
+        k_pages=k_pages,
+        v_pages=v_pages,
+        window=window,
+        softcap=softcap,
+        sinks=None if sinks is None else sinks.reshape(k, g),
     )
     xs = (qg, token_tables, meta.positions, real)
     out = grouped_map(loop, xs, TOKENS_PER_GROUP, TOKEN_STREAMS)  # [T, K, G, H]
@@ -154,6 +164,7 @@ def _token_loop(
     *,
     window: int | None,
     softcap: float | None,
+    sinks: jax.Array | None,  # [K, G]
 ) -> jax.Array:  # [T, K, G, H] float32
     t, k, g, h = qg.shape
     block = k_pages.shape[3]  # Z: one page per key step
@@ -184,10 +195,6 @@ def _token_loop(
         acc_new = acc * corr[..., None] + jnp.einsum("tkgz,tkzh->tkgh", p, vb)
         return m_new, l_new, acc_new
 
-    init = (
-        jnp.full((t, k, g), NEG_INF, jnp.float32),
-        jnp.zeros((t, k, g), jnp.float32),
-        jnp.zeros((t, k, g, h), jnp.float32),
-    )
+    init = initial_state((t, k, g), sinks, h)
     _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
     return acc / jnp.maximum(denom, 1e-30)[..., None]

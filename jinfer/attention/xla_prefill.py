@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.attention import kv_cache
-from jinfer.attention.key_loops import NEG_INF, grouped_map, online_softmax_step
+from jinfer.attention.key_loops import grouped_map, initial_state, online_softmax_step
 
 BIG = 2**30
 # Bq: tokens per query block (the XLA backend's prefill granularity). Measured on CPU (SmolLM2,
@@ -40,6 +40,7 @@ def blocked_paged_attention(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # [N] each head's sink logit (gpt-oss), or None
 ) -> jax.Array:  # [NB * Bq, N, H]
     nb = block_rows.shape[0]
     tq, n, h = q.shape
@@ -57,7 +58,12 @@ def blocked_paged_attention(
         # path groups tokens): a step's fresh short prompts do not pay for the key blocks of a
         # long prompt's chunk next to them.
         loop = functools.partial(
-            _block_loop, k_pages=k_pages, v_pages=v_pages, window=window, softcap=softcap
+            _block_loop,
+            k_pages=k_pages,
+            v_pages=v_pages,
+            window=window,
+            softcap=softcap,
+            sinks=None if sinks is None else sinks.reshape(1, k, g, 1),
         )
         xs = (qb, tables, pos, valid)
         out = grouped_map(loop, xs, BLOCKS_PER_GROUP, BLOCK_STREAMS)  # [NB, K, G, Bq, H]
@@ -85,6 +91,7 @@ def blocked_paged_attention(
             block=DENSE_KV_BLOCK,
             window=window,
             softcap=softcap,
+            sinks=sinks,
         ),
         per_block,
         None,
@@ -120,6 +127,7 @@ def _block_loop(
     *,
     window: int | None,
     softcap: float | None,
+    sinks: jax.Array | None,  # [1, K, G, 1]
 ) -> jax.Array:  # [NB, K, G, Bq, H] float32
     nb, k, g, bq, h = qb.shape
     block = k_pages.shape[3]  # Z: one page per key step
@@ -146,11 +154,7 @@ def _block_loop(
         acc_new = acc * corr[..., None] + jnp.einsum("bkgqz,bkzh->bkgqh", p, vb)
         return m_new, l_new, acc_new
 
-    init = (
-        jnp.full((nb, k, g, bq), NEG_INF, jnp.float32),
-        jnp.zeros((nb, k, g, bq), jnp.float32),
-        jnp.zeros((nb, k, g, bq, h), jnp.float32),
-    )
+    init = initial_state((nb, k, g, bq), sinks, h)
     _, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
     return acc / jnp.maximum(denom, 1e-30)[..., None]
 
@@ -171,6 +175,7 @@ def _one_request_attention(
     block: int,
     window: int | None,
     softcap: float | None,
+    sinks: jax.Array | None,  # [N]
 ) -> jax.Array:  # [T, N, H] float32
     """Key blocks every valid query sees whole (below the chunk's diagonal, inside every
     query's window) skip the masks, as flash attention does: at long context they are nearly
@@ -225,13 +230,9 @@ def _one_request_attention(
     whole_hi = jnp.clip((oldest + 1) // block, first, last)
     whole_lo = first if window is None else -(-(newest - window + 1) // block)
     whole_lo = jnp.clip(whole_lo, first, whole_hi)
+    head_sinks = None if sinks is None else jnp.repeat(sinks.reshape(k, g), t, axis=1)  # [K, G*T]
     carry = tuple(
-        (
-            jnp.full((g * t,), NEG_INF, jnp.float32),
-            jnp.zeros((g * t,), jnp.float32),
-            jnp.zeros((g * t, h), jnp.float32),
-        )
-        for _ in range(k)
+        initial_state((g * t,), None if sinks is None else head_sinks[i], h) for i in range(k)
     )  # per kv head: running max, denominator, accumulator
     masked = functools.partial(step, masked=True)
     carry = jax.lax.fori_loop(first, whole_lo, masked, carry)

@@ -90,10 +90,28 @@ def _batched_tokens(value: int, c: EngineConfig, model: ModelConfig, platform: s
     return max(value, MIN_BATCHED_TOKENS)
 
 
+def _expert_parallel(value: bool, c: EngineConfig, model: ModelConfig, platform: str) -> bool:
+    if not value:
+        return False
+    if not model.num_experts:
+        raise OptionError(
+            "enable_expert_parallel", "needs a mixture of experts; this model has none"
+        )
+    if model.num_experts % c.tensor_parallel_size:
+        raise OptionError(
+            "enable_expert_parallel",
+            f"needs num_experts={model.num_experts} to split evenly over "
+            f"tensor_parallel_size={c.tensor_parallel_size} devices",
+        )
+    return True
+
+
 def _attention_backend(value: str, c: EngineConfig, model: ModelConfig, platform: str) -> str:
     """`auto`: the Pallas kernels on GPU/TPU, XLA on CPU and wherever the kernels do not serve
     (`jinfer.attention.resolve_backend`, from what each backend declares)."""
-    return resolve_backend(value, platform, model.head_dim, c.tensor_parallel_size).name
+    return resolve_backend(
+        value, platform, model.head_dim, c.tensor_parallel_size, sinks=model.attention_sinks
+    ).name
 
 
 def _kv_cache_dtype(value: str, c: EngineConfig, model: ModelConfig, platform: str) -> str:
@@ -138,6 +156,12 @@ class EngineConfig:
         resolve=_auto_dtype,
     )
     tensor_parallel_size: int = option(1, "devices to shard the model over", minimum=1)
+    enable_expert_parallel: bool = option(
+        False,
+        "a mixture of experts: split the experts over the tensor-parallel devices (each holds "
+        "its share whole) instead of every expert's width",
+        resolve=_expert_parallel,
+    )
     max_model_len: int | None = option(
         None,
         f"prompt + output tokens (default: the model's, up to {DEFAULT_MAX_MODEL_LEN})",

@@ -24,20 +24,28 @@ LayerType = Literal["full", "sliding"]
 
 # HF `model_type` values handled by the Llama-family code path.
 _LLAMA_FAMILY = (
-    "llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "qwen3_moe", "mixtral",
+    "llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "qwen3_moe", "mixtral", "gpt_oss",
 )  # fmt: skip
+_MOE_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
 _GEMMA3_TYPES = ("gemma3", "gemma3_text")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rotary frequency scaling: `linear` (positions divided by factor) or Llama 3's `llama3`."""
+    """Rotary frequency scaling: `linear` (positions divided by factor), Llama 3's `llama3`, or
+    `yarn` (YaRN: long wavelengths interpolated by factor, short ones kept, a linear ramp between
+    the dimensions `beta_fast` and `beta_slow` rotations pick out; cos and sin scaled by
+    `attention_factor`)."""
 
-    kind: Literal["linear", "llama3"]
+    kind: Literal["linear", "llama3", "yarn"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+    attention_factor: float = 1.0  # yarn: the rotated q and k are scaled by this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,10 @@ class ModelConfig:
     sliding_window: int | None = None
     qk_norm: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # a bias on the attention output projection
+    # gpt-oss: one learned logit per query head in every softmax's denominator (a key no query
+    # position holds, with no value: "attention sinks").
+    attention_sinks: bool = False
     # Gemma: extra norms after attention and after the MLP, before the residual add.
     post_norms: bool = False
     hidden_act: Literal["silu", "gelu_tanh"] = "silu"
@@ -92,6 +104,15 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # C
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()
+    router_bias: bool = False  # gpt-oss: the router's scores have a bias, its experts too
+    expert_bias: bool = False
+    # gpt-oss's clamped SwiGLU (None: the plain one): gate clamped above at the limit, up to
+    # [-limit, limit]; out = (up + 1) * gate * sigmoid(alpha * gate).
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    # How the engine runs it, not what the checkpoint says: the experts split over this many
+    # tensor-parallel devices (expert parallelism: `enable_expert_parallel`), or 1.
+    expert_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -127,6 +148,14 @@ class ModelConfig:
             raise ValueError(
                 f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers"
             )
+        if self.expert_parallel_size > 1:
+            if not self.num_experts:
+                raise ValueError("expert parallelism needs a mixture of experts; this has none")
+            if self.num_experts % self.expert_parallel_size:
+                raise ValueError(
+                    f"num_experts={self.num_experts} does not split evenly over "
+                    f"{self.expert_parallel_size} devices (expert parallelism)"
+                )
 
     # ----------------------------------------------------------------- derived
     @property
@@ -169,7 +198,9 @@ class ModelConfig:
         if not self.is_moe_layer(layer):
             return 3 * d * self.intermediate_size
         experts = self.num_experts_per_tok if active else self.num_experts
-        return d * self.num_experts + 3 * d * self.moe_intermediate_size * experts
+        c, e = self.moe_intermediate_size, self.num_experts
+        biases = (2 * c + d) * experts if self.expert_bias else 0
+        return d * e + (e if self.router_bias else 0) + 3 * d * c * experts + biases
 
     def num_params(self, active: bool = False) -> int:
         """Weights in all (`active`: those one token's forward pass reads: a mixture of experts
@@ -190,7 +221,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------- (de)serialize
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        raw = dataclasses.asdict(self)
+        del raw["expert_parallel_size"]  # how one engine ran it, not the model
+        return json.dumps(raw, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -281,7 +314,9 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=_hf_rope_scaling(cfg.get("rope_scaling")),
+            rope_scaling=_hf_rope_scaling(
+                cfg.get("rope_scaling"), int(cfg.get("max_position_embeddings", 8192))
+            ),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -314,10 +349,16 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r}; supported: "
                 f"{', '.join(_LLAMA_FAMILY + _GEMMA3_TYPES)}"
             )
-        moe = _hf_moe(cfg, num_layers) if model_type in ("qwen3_moe", "mixtral") else {}
+        moe = _hf_moe(cfg, num_layers) if model_type in _MOE_TYPES else {}
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         types: tuple[LayerType, ...] = ()
-        if model_type in ("mistral", "mixtral") and window:
+        if model_type == "gpt_oss":  # sliding and full layers alternate, as layer_types says
+            listed = cfg.get("layer_types") or [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)
+            ]
+            types = tuple("sliding" if t == "sliding_attention" else "full" for t in listed)
+            types = types if "sliding" in types else ()
+        elif model_type in ("mistral", "mixtral") and window:
             types = ("sliding",) * num_layers
         elif (
             model_type in ("qwen2", "qwen3", "qwen3_moe")
@@ -333,16 +374,32 @@ class ModelConfig:
             sliding_window=int(window) if types and window else None,
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            # transformers' attention_bias covers o_proj too (Qwen2's q/k/v biases do not)
+            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            attention_sinks=model_type == "gpt_oss",
             hidden_act="silu",
             **moe,
         )
 
 
 def _hf_moe(cfg: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """The experts of Qwen3-MoE (layer i is sparse unless listed in `mlp_only_layers`, and only
+    """The experts of gpt-oss (every layer sparse, biased router and experts, clamped SwiGLU),
+    Qwen3-MoE (layer i is sparse unless listed in `mlp_only_layers`, and only
     every `decoder_sparse_step`-th layer is: transformers' rule) and Mixtral (every layer
     sparse, `intermediate_size` wide, the top X weights always renormalized)."""
     num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if cfg.get("model_type") == "gpt_oss":  # softmax over the top X scores: renormalized
+        return dict(
+            num_experts=num_experts,
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 4),
+            moe_intermediate_size=int(cfg["intermediate_size"]),
+            norm_topk_prob=True,
+            moe_layers=(True,) * num_layers,
+            router_bias=True,
+            expert_bias=True,
+            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+            swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+        )
     if cfg.get("model_type") == "mixtral":
         return dict(
             num_experts=num_experts,
@@ -370,7 +427,7 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[LayerType, .
     return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
 
 
-def _hf_rope_scaling(raw: Mapping[str, Any] | None) -> RopeScaling | None:
+def _hf_rope_scaling(raw: Mapping[str, Any] | None, max_positions: int) -> RopeScaling | None:
     if not raw:
         return None
     kind = raw.get("rope_type") or raw.get("type")
@@ -386,7 +443,33 @@ def _hf_rope_scaling(raw: Mapping[str, Any] | None) -> RopeScaling | None:
             float(raw.get("high_freq_factor", 4.0)),
             int(raw.get("original_max_position_embeddings", 8192)),
         )
+    if kind == "yarn":
+        return _yarn(raw, max_positions)
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def _yarn(raw: Mapping[str, Any], max_positions: int) -> RopeScaling:
+    """YaRN's parameters as transformers reads them (its defaults: beta_fast 32, beta_slow 1,
+    truncate on, the attention factor from `factor`, `mscale` and `mscale_all_dim`)."""
+    original = int(raw.get("original_max_position_embeddings") or max_positions)
+    factor = float(raw.get("factor") or max_positions / original)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = raw.get("attention_factor")
+    if attention is None:
+        m, m_all = raw.get("mscale"), raw.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeScaling(
+        "yarn",
+        factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(raw.get("beta_fast") or 32.0),
+        beta_slow=float(raw.get("beta_slow") or 1.0),
+        truncate=bool(raw.get("truncate", True)),
+        attention_factor=float(attention),
+    )
 
 
 def _hf_legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -31,9 +31,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     "embed": None,
     "head_dim": None,
     # Under tensor parallelism every device holds every expert, each a slice of its width
-    # ("mlp"); expert parallelism (later) moves the experts axis onto the mesh instead.
+    # ("mlp"); expert parallelism moves the experts axis onto the mesh instead (below).
     "experts": None,
 }
+# Expert parallelism (ModelConfig.expert_parallel_size > 1): each device holds E / tp experts
+# whole (an axis already on the mesh is not split again, so their width stays whole).
+EXPERT_PARALLEL_RULES = LOGICAL_RULES | {"experts": TP}
 
 
 def make_mesh(tensor_parallel_size: int = 1, devices: list[Any] | None = None) -> Mesh:
@@ -49,11 +52,14 @@ def make_mesh(tensor_parallel_size: int = 1, devices: list[Any] | None = None) -
 
 
 def logical_to_spec(
-    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: dict[str, str | None] = LOGICAL_RULES,
 ) -> PartitionSpec:
     parts: list[str | None] = []
     for name, size in zip(axes, shape, strict=True):
-        mesh_axis = LOGICAL_RULES.get(name) if name else None
+        mesh_axis = rules.get(name) if name else None
         if mesh_axis is not None and (size % mesh.shape[mesh_axis] or mesh_axis in parts):
             mesh_axis = None  # not divisible (or already used): replicate this dimension
         parts.append(mesh_axis)
@@ -61,8 +67,10 @@ def logical_to_spec(
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+    rules = EXPERT_PARALLEL_RULES if cfg.expert_parallel_size > 1 else LOGICAL_RULES
     return map_specs(
-        lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh)), param_specs(cfg)
+        lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
+        param_specs(cfg),
     )
 
 

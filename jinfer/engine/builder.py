@@ -8,6 +8,8 @@ Engine(...), warmup()             every program compiled before the first reques
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,8 @@ def build_engine(
     enable_persistent_cache()
     bound_compiled_programs()  # before this engine compiles its own
     config = config.resolve(cfg, jax.default_backend())
+    if config.enable_expert_parallel:  # the experts split over the mesh (models/moe.py)
+        cfg = dataclasses.replace(cfg, expert_parallel_size=config.tensor_parallel_size)
     devices = None
     if group is not None:
         devices = group_devices(config.tensor_parallel_size, config.nnodes)

@@ -37,6 +37,22 @@ _MIXTRAL_EXPERT = {"w_gate": "w1.weight", "w_up": "w3.weight", "w_down": "w2.wei
 
 
 _HF_LAYER_LLAMA = {"mlp_norm": "post_attention_layernorm.weight"}
+# gpt-oss: its attention's extras, a biased router and its experts stacked [E, in, out], gate
+# and up interleaved in one tensor (gate the even columns, up the odd).
+_HF_LAYER_LLAMA |= {
+    "bo": "self_attn.o_proj.bias",
+    "sinks": "self_attn.sinks",
+}
+_GPT_OSS = {
+    "router": ("mlp.router.weight", lambda w: w),
+    "router_bias": ("mlp.router.bias", lambda w: w),
+    "experts.w_gate": ("mlp.experts.gate_up_proj", lambda w: w[..., ::2]),
+    "experts.w_up": ("mlp.experts.gate_up_proj", lambda w: w[..., 1::2]),
+    "experts.w_down": ("mlp.experts.down_proj", lambda w: w),
+    "experts.b_gate": ("mlp.experts.gate_up_proj_bias", lambda w: w[..., ::2]),
+    "experts.b_up": ("mlp.experts.gate_up_proj_bias", lambda w: w[..., 1::2]),
+    "experts.b_down": ("mlp.experts.down_proj_bias", lambda w: w),
+}
 
 
 _HF_LAYER_GEMMA = {
@@ -136,8 +152,11 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
 
     mixtral = any(".block_sparse_moe." in k for k in raw)
     sparse, expert_names = ("block_sparse_moe", _MIXTRAL_EXPERT) if mixtral else ("mlp", _HF_EXPERT)
+    fused = cfg.expert_bias  # gpt-oss: every layer's experts in four stacked tensors
 
     def hf_name(field: str) -> str:
+        if fused and field in _GPT_OSS:
+            return _GPT_OSS[field][0]
         if field.startswith("experts."):  # experts.{e}.w_gate -> mlp.experts.{e}.gate_proj.weight
             _, e, w = field.split(".")
             return f"{sparse}.experts.{e}.{expert_names[w]}"
@@ -147,7 +166,11 @@ def _hf_params(cfg: ModelConfig, raw: dict[str, np.ndarray], names: dict[str, st
 
     def layer(i: int) -> LayerParams:
         def get(field: str) -> np.ndarray | None:
+            if field.startswith("experts.") and (field.count(".") == 1) != fused:
+                return None  # experts stacked (one dot) where the file names each, or back
             w = raw.get(f"layers.{i}.{hf_name(field)}")
+            if fused and field in _GPT_OSS and w is not None:
+                w = np.ascontiguousarray(_GPT_OSS[field][1](w))
             return norm(w) if field.endswith("norm") else w
 
         return to_layer(cfg, get, lambda field: label(f"layers.{i}.{hf_name(field)}"), i)

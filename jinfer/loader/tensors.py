@@ -29,7 +29,8 @@ def to_layer(
     layer: int = 0,
 ) -> LayerParams:
     """Builds layer `layer`'s LayerParams from torch-layout [out, in] matrices fetched by field
-    name (a sparse layer's experts as "experts.{e}.w_gate" and so on, its router "router").
+    name (a sparse layer's experts as "experts.{e}.w_gate" and so on, or all of them stacked
+    [E, in, out] as "experts.w_gate"; their biases "experts.b_gate"; the router "router").
 
     `label(field)` is the tensor's name in the file, for error messages."""
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -59,11 +60,20 @@ def to_layer(
         layer_params.router = mat("router", (e, d))  # [D, E]
 
         def stacked(w: str, shape: tuple[int, int]) -> np.ndarray:  # [E, in, out]
+            whole = get(f"experts.{w}")  # a checkpoint of stacked experts: [E, in, out] as is
+            if whole is not None:
+                return require(whole, label(f"experts.{w}"), (e, shape[1], shape[0]))
             return np.stack([mat(f"experts.{i}.{w}", shape) for i in range(e)])
 
         layer_params.w_gate = stacked("w_gate", (c, d))
         layer_params.w_up = stacked("w_up", (c, d))
         layer_params.w_down = stacked("w_down", (d, c))
+        if cfg.router_bias:
+            layer_params.router_bias = tensor("router_bias", (e,))
+        if cfg.expert_bias:
+            layer_params.b_gate = tensor("experts.b_gate", (e, c))
+            layer_params.b_up = tensor("experts.b_up", (e, c))
+            layer_params.b_down = tensor("experts.b_down", (e, d))
     else:
         layer_params.w_gate = mat("w_gate", (cfg.intermediate_size, d))
         layer_params.w_up = mat("w_up", (cfg.intermediate_size, d))
@@ -78,6 +88,10 @@ def to_layer(
     if cfg.post_norms:
         layer_params.post_attn_norm = tensor("post_attn_norm", (d,))
         layer_params.post_mlp_norm = tensor("post_mlp_norm", (d,))
+    if cfg.o_bias:
+        layer_params.bo = tensor("bo", (d,))
+    if cfg.attention_sinks:
+        layer_params.sinks = tensor("sinks", (n,))
     return layer_params
 
 

@@ -1,7 +1,8 @@
 """The decoder forward pass: free functions over `Params`, config-driven.
 
-One code path covers the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2; Qwen3-MoE's
-sparse layers run `moe_block`) and Gemma 3
+One code path covers the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2; the sparse
+layers of Qwen3-MoE, Mixtral and gpt-oss run `moe_block`, gpt-oss's attention has sinks, biases
+and YaRN rope) and Gemma 3
 (sliding/global layers with their own rope bases, QK-norm, sandwich norms, scaled embeddings,
 GeGLU, soft-caps), from the blocks of `layers.py`. Dimension letters are declared in
 `config/model.py`.
@@ -19,7 +20,14 @@ from jinfer.attention import paged_attention, write_kv
 from jinfer.attention.kv_cache import KVCache
 from jinfer.attention.metadata import AttentionMetadata
 from jinfer.config.model import LayerKind, ModelConfig
-from jinfer.models.layers import activation, apply_rope, dense, rms_norm, rope_frequencies
+from jinfer.models.layers import (
+    activation,
+    apply_rope,
+    dense,
+    rms_norm,
+    rope_frequencies,
+    rope_scale,
+)
 from jinfer.models.moe import moe_block
 from jinfer.models.params import LayerParams, Params
 
@@ -42,8 +50,9 @@ def attention_block(
         q = rms_norm(q, p.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, p.k_norm, cfg.rms_norm_eps)
     inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
-    q = apply_rope(q, meta.positions, inv_freq)
-    k = apply_rope(k, meta.positions, inv_freq)
+    scale = rope_scale(kind.rope_scaling)
+    q = apply_rope(q, meta.positions, inv_freq, scale)
+    k = apply_rope(k, meta.positions, inv_freq, scale)
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta)
     out = paged_attention(
         q * jnp.asarray(cfg.scale, q.dtype),
@@ -52,12 +61,16 @@ def attention_block(
         meta,
         window=kind.window,
         softcap=cfg.attn_logit_softcap,
+        sinks=p.sinks,
     )  # [T, N, H]
     # As one [T, N*H] x [N*H, D] product: with the einsum over (n, h) XLA:CPU laid the
     # attention output out h-major and so transposed the whole weight on every step
     # (SmolLM2: 1.3 MB per layer, ~0.15 ms of a 1.3 ms one-token layer).
     t, n, h = out.shape
-    return dense("tf,fd->td", out.reshape(t, n * h), p.wo.reshape(n * h, -1)), k_pages, v_pages
+    out = dense("tf,fd->td", out.reshape(t, n * h), p.wo.reshape(n * h, -1))  # [T, D]
+    if p.bo is not None:
+        out = out + p.bo
+    return out, k_pages, v_pages
 
 
 def mlp_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ layers). Dimension letters are declared in `config/model.py`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -22,12 +23,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies [H/2] (float32), with linear or Llama 3 scaling."""
+    """Inverse frequencies [H/2] (float32), with linear, Llama 3 or YaRN scaling."""
     inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
         return inv
     if scaling.kind == "linear":
         return inv / scaling.factor
+    if scaling.kind == "yarn":
+        return _yarn_frequencies(inv, head_dim, theta, scaling)
     # llama3: long wavelengths scaled by `factor`, short kept, a smooth ramp between.
     old = scaling.original_max_position_embeddings
     low_wavelen = old / scaling.low_freq_factor
@@ -42,11 +45,39 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return jnp.where(is_mid, mid, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding, NeoX/HF layout (halves rotate). x: [T, heads, H], positions: [T]."""
+def _yarn_frequencies(
+    inv: jax.Array, head_dim: int, theta: float, scaling: RopeScaling
+) -> jax.Array:  # [H/2]
+    """YaRN: dimensions that turn fewer than `beta_slow` times over the original context are
+    interpolated (divided by factor), those turning more than `beta_fast` times kept, a linear
+    ramp between (transformers' `_compute_yarn_parameters`)."""
+    old = scaling.original_max_position_embeddings
+
+    def dimension(rotations: float) -> float:  # the dimension turning `rotations` times
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(scaling.beta_fast), dimension(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return inv / scaling.factor * ramp + inv * (1 - ramp)
+
+
+def rope_scale(scaling: RopeScaling | None) -> float:
+    """What the rotated q and k are multiplied by (YaRN's attention factor; else 1)."""
+    return scaling.attention_factor if scaling is not None and scaling.kind == "yarn" else 1.0
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+) -> jax.Array:
+    """Rotary embedding, NeoX/HF layout (halves rotate), the result times `scale`.
+    x: [T, heads, H], positions: [T]."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    cos = jnp.cos(angles)[:, None, :] * scale
+    sin = jnp.sin(angles)[:, None, :] * scale
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -51,6 +51,12 @@ class LayerParams:
     post_attn_norm: Any = None  # [D]  (post_norms)
     post_mlp_norm: Any = None  # [D]
     router: Any = None  # [D, E]   (a sparse layer: each token's scores over the experts)
+    bo: Any = None  # [D]           (o_bias)
+    sinks: Any = None  # [N]        (attention_sinks: each head's sink logit)
+    router_bias: Any = None  # [E]  (router_bias)
+    b_gate: Any = None  # [E, C]    (expert_bias)
+    b_up: Any = None  # [E, C]
+    b_down: Any = None  # [E, D]
 
 
 @jax.tree_util.register_dataclass
@@ -92,12 +98,22 @@ def layer_specs(cfg: ModelConfig, layer: int = 0) -> LayerParams:
     if cfg.post_norms:
         specs.post_attn_norm = norm
         specs.post_mlp_norm = norm
+    if cfg.o_bias:
+        specs.bo = ParamSpec((d,), ("embed",), "zeros")
+    if cfg.attention_sinks:
+        specs.sinks = ParamSpec((n,), ("heads",))
     if cfg.is_moe_layer(layer):
         e, c = cfg.num_experts, cfg.moe_intermediate_size
         specs.router = ParamSpec((d, e), ("embed", None))
         specs.w_gate = ParamSpec((e, d, c), ("experts", "embed", "mlp"))
         specs.w_up = ParamSpec((e, d, c), ("experts", "embed", "mlp"))
         specs.w_down = ParamSpec((e, c, d), ("experts", "mlp", "embed"))
+        if cfg.router_bias:
+            specs.router_bias = ParamSpec((e,), (None,), "zeros")
+        if cfg.expert_bias:
+            specs.b_gate = ParamSpec((e, c), ("experts", "mlp"), "zeros")
+            specs.b_up = ParamSpec((e, c), ("experts", "mlp"), "zeros")
+            specs.b_down = ParamSpec((e, d), ("experts", "embed"), "zeros")
     return specs
 
 
