@@ -3,10 +3,12 @@
     python scripts/bench_expert_parallel.py                  # 8 CPU devices, moe-cpu's layer
     python scripts/bench_expert_parallel.py --devices 4 --experts 64 --top 8 --tokens 1 64
 
-`jinfer.models.moe.moe_block` on one layer's random weights, jitted over an N-device mesh both
-ways: `tp` (every device holds every expert, 1/N of each one's width; GSPMD partitions the
-grouped products) and `ep` (`enable_expert_parallel`: each device holds E/N experts whole and
-runs the rows routed to them inside shard_map; one all-reduce sums the tokens). For each token
+`jinfer.models.moe.moe_block` on one layer's random weights, jitted over an N-device mesh three
+ways: `gspmd` (every device holds every expert, 1/N of each one's width, and GSPMD partitions
+the grouped products: what moe_block does when the mesh does not divide the width), `tp` (the
+same weights, each device's share run inside shard_map, one all-reduce of [T, D] after the
+tokens' rows are combined) and `ep` (`enable_expert_parallel`: each device holds E/N experts
+whole and runs the rows routed to them, the same all-reduce). For each token
 count T it prints the median time of a call (the two interleaved, medians of `--rounds`) and,
 from the compiled program, the collectives each runs and the bytes they move per device.
 
@@ -78,14 +80,16 @@ def main() -> None:
     mesh = make_mesh(n)
     host = init_params(cfg, seed=0, std=args.hidden**-0.5)
     ways = {}
-    for name, ep in (("tp", 1), ("ep", n)):
-        c = dataclasses.replace(cfg, expert_parallel_size=ep)
+    for name, tp, ep in (("gspmd", 1, False), ("tp", n, False), ("ep", n, True)):
+        c = dataclasses.replace(cfg, tensor_parallel_size=tp, expert_parallel=ep)
         layer = place_params(host, c, mesh, jnp.float32).layers[0]
         ways[name] = (jax.jit(lambda p, x, c=c: moe_block(c, p, x)), layer)
     print(f"{n} {jax.default_backend()} devices; experts {args.experts}, top {args.top}, "
           f"hidden {args.hidden}, expert width {args.expert_width}")  # fmt: skip
-    print("| tokens | tp ms | ep ms | ep / tp | tp collectives (KiB) | ep collectives (KiB) |")
-    print("|---|---|---|---|---|---|")
+    names = tuple(ways)
+    print("| tokens | " + " | ".join(f"{k} ms" for k in names) + " | "
+          + " | ".join(f"{k} collectives (KiB)" for k in names) + " |")  # fmt: skip
+    print("|---" * (1 + 2 * len(names)) + "|")
     rng = np.random.default_rng(1)
     for t in args.tokens:
         x = jax.device_put(rng.standard_normal((t, args.hidden)).astype(np.float32))
@@ -93,7 +97,8 @@ def main() -> None:
         for name, (fn, layer) in ways.items():
             outs[name] = np.asarray(fn(layer, x))
             comm[name] = collectives(fn.lower(layer, x).compile().as_text())
-        np.testing.assert_allclose(outs["ep"], outs["tp"], rtol=1e-4, atol=1e-4)
+        for name in ("tp", "ep"):
+            np.testing.assert_allclose(outs[name], outs["gspmd"], rtol=1e-4, atol=1e-4)
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(args.rounds):
             for name, (fn, layer) in ways.items():
@@ -102,9 +107,9 @@ def main() -> None:
                     out = fn(layer, x)
                 jax.block_until_ready(out)
                 times[name].append((time.perf_counter() - t0) / args.reps * 1e3)
-        tp, ep = (statistics.median(times[k]) for k in ("tp", "ep"))
-        cells = [f"{comm[k][0]} ops, {comm[k][1] / 1024:.1f}" for k in ("tp", "ep")]
-        print(f"| {t} | {tp:.2f} | {ep:.2f} | {ep / tp:.2f} | {cells[0]} | {cells[1]} |")
+        ms = [f"{statistics.median(times[k]):.2f}" for k in names]
+        kib = [f"{comm[k][0]} ops, {comm[k][1] / 1024:.1f}" for k in names]
+        print(f"| {t} | " + " | ".join(ms + kib) + " |")
 
 
 if __name__ == "__main__":

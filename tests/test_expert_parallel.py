@@ -49,7 +49,7 @@ CHILD = textwrap.dedent(
             num_pages=64,
         )
         runner = llm.engine.runner
-        assert runner.cfg.expert_parallel_size == 8
+        assert runner.cfg.expert_parallel and runner.cfg.tensor_parallel_size == 8
         sparse = next(p for p in runner.params.layers if p.router is not None)
         spec = sparse.w_gate.sharding.spec
         assert spec == PartitionSpec("tp", None, None), spec  # experts whole, split over devices
@@ -107,4 +107,4 @@ def test_expert_parallel_needs_experts_that_split_evenly():
         EngineConfig(enable_expert_parallel=True).resolve(tiny_config("llama"), "cpu")
     assert EngineConfig(tensor_parallel_size=4, enable_expert_parallel=True).resolve(moe, "cpu")
     with pytest.raises(ValueError, match="num_experts=8 does not split evenly over 3"):
-        ModelConfig(**{**moe.__dict__, "expert_parallel_size": 3})
+        ModelConfig(**{**moe.__dict__, "tensor_parallel_size": 3, "expert_parallel": True})

@@ -110,9 +110,11 @@ class ModelConfig:
     # [-limit, limit]; out = (up + 1) * gate * sigmoid(alpha * gate).
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
-    # How the engine runs it, not what the checkpoint says: the experts split over this many
-    # tensor-parallel devices (expert parallelism: `enable_expert_parallel`), or 1.
-    expert_parallel_size: int = 1
+    # How the engine runs a mixture of experts, not what the checkpoint says (the builder sets
+    # them): over how many tensor-parallel devices, and whether the experts are split over them
+    # (expert parallelism, `enable_expert_parallel`) rather than each expert's width.
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
@@ -148,13 +150,13 @@ class ModelConfig:
             raise ValueError(
                 f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers"
             )
-        if self.expert_parallel_size > 1:
+        if self.expert_parallel:
             if not self.num_experts:
                 raise ValueError("expert parallelism needs a mixture of experts; this has none")
-            if self.num_experts % self.expert_parallel_size:
+            if self.num_experts % self.tensor_parallel_size:
                 raise ValueError(
                     f"num_experts={self.num_experts} does not split evenly over "
-                    f"{self.expert_parallel_size} devices (expert parallelism)"
+                    f"{self.tensor_parallel_size} devices (expert parallelism)"
                 )
 
     # ----------------------------------------------------------------- derived
@@ -222,7 +224,7 @@ class ModelConfig:
     # ------------------------------------------------------------- (de)serialize
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
-        del raw["expert_parallel_size"]  # how one engine ran it, not the model
+        del raw["tensor_parallel_size"], raw["expert_parallel"]  # how an engine ran it
         return json.dumps(raw, indent=2)
 
     @classmethod

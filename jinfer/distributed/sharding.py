@@ -34,7 +34,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     # ("mlp"); expert parallelism moves the experts axis onto the mesh instead (below).
     "experts": None,
 }
-# Expert parallelism (ModelConfig.expert_parallel_size > 1): each device holds E / tp experts
+# Expert parallelism (ModelConfig.expert_parallel): each device holds E / tp experts
 # whole (an axis already on the mesh is not split again, so their width stays whole).
 EXPERT_PARALLEL_RULES = LOGICAL_RULES | {"experts": TP}
 
@@ -67,7 +67,7 @@ def logical_to_spec(
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
-    rules = EXPERT_PARALLEL_RULES if cfg.expert_parallel_size > 1 else LOGICAL_RULES
+    rules = EXPERT_PARALLEL_RULES if cfg.expert_parallel else LOGICAL_RULES
     return map_specs(
         lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
         param_specs(cfg),

@@ -40,8 +40,12 @@ def build_engine(
     enable_persistent_cache()
     bound_compiled_programs()  # before this engine compiles its own
     config = config.resolve(cfg, jax.default_backend())
-    if config.enable_expert_parallel:  # the experts split over the mesh (models/moe.py)
-        cfg = dataclasses.replace(cfg, expert_parallel_size=config.tensor_parallel_size)
+    if cfg.num_experts:  # how the experts are split over the mesh (models/moe.py)
+        cfg = dataclasses.replace(
+            cfg,
+            tensor_parallel_size=config.tensor_parallel_size,
+            expert_parallel=config.enable_expert_parallel,
+        )
     devices = None
     if group is not None:
         devices = group_devices(config.tensor_parallel_size, config.nnodes)

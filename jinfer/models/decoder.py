@@ -99,8 +99,8 @@ def decoder_layer(
     if p.post_attn_norm is not None:
         h = rms_norm(h, p.post_attn_norm, cfg.rms_norm_eps)
     x = x + h
-    mlp = moe_block if kind.moe else mlp_block
-    h = mlp(cfg, p, rms_norm(x, p.mlp_norm, cfg.rms_norm_eps))
+    h = rms_norm(x, p.mlp_norm, cfg.rms_norm_eps)
+    h = moe_block(cfg, p, h, meta.platform) if kind.moe else mlp_block(cfg, p, h)
     if p.post_mlp_norm is not None:
         h = rms_norm(h, p.post_mlp_norm, cfg.rms_norm_eps)
     return x + h, k_pages, v_pages

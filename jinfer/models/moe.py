@@ -18,8 +18,11 @@ time: T is the step's bucket, static), from `scripts/bench_moe.py`'s measurement
               each block one batched product with its expert's weights: at most
               ceil(T*X / BLOCK) + min(E, T*X) blocks, 1.3-2.3x the floor at 32-128 tokens.
 
-Expert parallelism (`ModelConfig.expert_parallel_size` n > 1, `enable_expert_parallel`): each
-of the n tensor-parallel devices holds E / n experts whole. Attention is tensor parallel, so
+Over n > 1 tensor-parallel devices (`ModelConfig.tensor_parallel_size`) the experts run inside
+`shard_map`, each device its share, and one all-reduce of [T, D] sums the shares per token.
+Tensor parallelism gives each device 1/n of every expert's width; expert parallelism
+(`ModelConfig.expert_parallel`, `enable_expert_parallel`) gives each of the n devices E / n
+experts whole. Attention is tensor parallel, so
 every device already holds every token's activations: inside `shard_map` each runs the rows
 routed to its own experts (the others masked: the same static shapes, no capacity), and one
 all-reduce sums the tokens' outputs -- the all-reduce a tensor-parallel MLP ends with anyway.
@@ -44,13 +47,20 @@ from jinfer.config.model import ModelConfig
 from jinfer.distributed.sharding import TP
 from jinfer.models.layers import activation, dense
 from jinfer.models.params import LayerParams
+from pallas_kernels.moe import grouped_matmul_gpu
+from pallas_kernels.moe.grouped_matmul_gpu import MIN_DOT
 
 BLOCK = 8  # rows per block of the blocked product
 GATHER_MAX_ROWS = 64  # CPU: up to this many (token, expert) rows, gather; beyond, blocked
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # [E, ...] each
 
 
-def moe_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:  # [T, D]
+def moe_block(
+    cfg: ModelConfig, p: LayerParams, x: jax.Array, platform: str | None = None
+) -> jax.Array:  # [T, D]
+    """`platform`: what the step is compiled for ("gpu", "tpu", "cpu"; None: the default
+    backend), which picks the grouped product."""
+    platform = platform or jax.default_backend()
     t, top = x.shape[0], cfg.num_experts_per_tok
     scores = dense("td,de->te", x, p.router, jnp.float32)  # [T, E]
     if p.router_bias is not None:
@@ -60,9 +70,11 @@ def moe_block(cfg: ModelConfig, p: LayerParams, x: jax.Array) -> jax.Array:  # [
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     flat = experts.reshape(-1)  # [R] R = T*X rows, token-major
     w = weights.reshape(t * top, 1)  # [R, 1]
-    if cfg.expert_parallel_size > 1:
-        return _expert_parallel(cfg, p, x, flat, w)
-    return _combine(_experts(cfg, p, x, flat, top), w, top, x.dtype)
+    n = cfg.tensor_parallel_size
+    if n > 1 and (cfg.expert_parallel or cfg.moe_intermediate_size % n == 0):
+        return _sharded(cfg, p, x, flat, w, platform)
+    # (one device, or widths the mesh does not divide: GSPMD partitions the products)
+    return _combine(_experts(cfg, p, x, flat, top, platform), w, top, x.dtype)
 
 
 def _combine(out: jax.Array, w: jax.Array, top: int, dtype) -> jax.Array:  # [R, D] -> [T, D]
@@ -71,38 +83,57 @@ def _combine(out: jax.Array, w: jax.Array, top: int, dtype) -> jax.Array:  # [R,
     return jnp.sum((out * w).reshape(r // top, top, d), axis=1).astype(dtype)
 
 
-def _experts(cfg: ModelConfig, p: LayerParams, x: jax.Array, flat: jax.Array, top: int):
-    """[R, D] float32: row r (token r // X) through expert flat[r] of p's experts."""
-    if jax.default_backend() != "cpu":
+def _experts(
+    cfg: ModelConfig, p: LayerParams, x: jax.Array, flat: jax.Array, top: int, platform: str
+):
+    """[R, D] float32: row r (token r // X) through expert flat[r] of p's experts (p's arrays
+    may be one device's share: the shapes are read from them)."""
+    if platform == "gpu" and _kernel_fits(p):
+        return _ragged(cfg, p, x, flat, top, _kernel_product)
+    if platform != "cpu":
         return _ragged(cfg, p, x, flat, top)
     if flat.shape[0] <= GATHER_MAX_ROWS:
         return _gathered(cfg, p, x, flat, top)
     return _blocked(cfg, p, x, flat, top)
 
 
-def _expert_parallel(cfg: ModelConfig, p: LayerParams, x: jax.Array, flat, w) -> jax.Array:
-    """The rows of each device's own experts run there; an all-reduce sums them per token."""
-    n, top = cfg.expert_parallel_size, cfg.num_experts_per_tok
-    local = cfg.num_experts // n  # experts per device
-    weights = {k: getattr(p, k) for k in EXPERT_WEIGHTS if getattr(p, k) is not None}
+def _sharded(cfg: ModelConfig, p: LayerParams, x: jax.Array, flat, w, platform: str):
+    """The experts over the n tensor-parallel devices, inside shard_map: each device runs its
+    share (expert parallelism: its E / n experts' rows, whole; else every row through its 1/n
+    of every expert's width), and one all-reduce of [T, D] sums the shares per token."""
+    n, top = cfg.tensor_parallel_size, cfg.num_experts_per_tok
+    local = cfg.num_experts // n  # experts per device (expert parallelism)
+    if cfg.expert_parallel:  # every expert weight by its experts axis [E, ...]
+        split = {k: (TP,) for k in EXPERT_WEIGHTS}
+    else:  # by the width C: gate, up [E, D, C], their biases [E, C], down [E, C, D]; the down
+        # bias [E, D] is added after the all-reduce (once, not once per device)
+        split = {"w_gate": (None, None, TP), "w_up": (None, None, TP), "w_down": (None, TP),
+                 "b_gate": (None, TP), "b_up": (None, TP)}  # fmt: skip
+    weights = {k: getattr(p, k) for k in split if getattr(p, k) is not None}
+    specs = {k: PartitionSpec(*split[k]) for k in weights}
 
-    def run(x, flat, w, weights):  # one device: its `local` experts [local, ...]
-        lo = jax.lax.axis_index(TP) * local
-        mine = (flat >= lo) & (flat < lo + local)  # [R]
-        # Another device's rows go to expert `local` (none: the products leave them out or
-        # compute garbage that the mask drops).
-        ids = jnp.where(mine, flat - lo, local)
-        out = _experts(cfg, LayerParams(*[None] * 6, **weights), x, ids, top)  # experts only
-        out = jnp.where(mine[:, None], out, 0.0)  # [R, D] float32
-        return jax.lax.psum(_combine(out, w, top, jnp.float32), TP).astype(x.dtype)
+    def run(x, flat, w, weights):  # one device's share of the experts
+        ids, mine = flat, None
+        if cfg.expert_parallel:
+            lo = jax.lax.axis_index(TP) * local
+            mine = (flat >= lo) & (flat < lo + local)  # [R]
+            # Another device's rows go to expert `local` (none: the products leave them out or
+            # compute garbage that the mask drops).
+            ids = jnp.where(mine, flat - lo, local)
+        out = _experts(cfg, LayerParams(*[None] * 6, **weights), x, ids, top, platform)
+        if mine is not None:
+            out = jnp.where(mine[:, None], out, 0.0)  # [R, D] float32
+        return jax.lax.psum(_combine(out, w, top, jnp.float32), TP)
 
-    experts = {k: PartitionSpec(TP) for k in weights}
-    return jax.shard_map(
+    y = jax.shard_map(
         run,
         mesh=AbstractMesh((n,), (TP,)),
-        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), experts),
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), specs),
         out_specs=PartitionSpec(),
-    )(x, flat, w, weights)
+    )(x, flat, w, weights)  # [T, D] float32
+    if "b_down" not in weights and p.b_down is not None:
+        y = y + _combine(jnp.take(p.b_down, flat, axis=0).astype(jnp.float32), w, top, y.dtype)
+    return y.astype(x.dtype)
 
 
 def _glu(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:  # float32 [R, C]
@@ -132,13 +163,34 @@ def _swiglu(cfg: ModelConfig, product, rows: jax.Array, row_expert, p: LayerPara
 # (another device's, under expert parallelism) runs nowhere or on garbage, for the caller to mask.
 
 
-def _ragged(cfg: ModelConfig, p: LayerParams, x: jax.Array, flat: jax.Array, top: int):
+def _kernel_fits(p: LayerParams) -> bool:
+    """The GPU kernel tiles D and C by 16 (Triton's dot); other widths keep ragged_dot."""
+    _, d, c = p.w_gate.shape
+    return d % MIN_DOT == 0 and c % MIN_DOT == 0
+
+
+def _kernel_product(lhs: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    return grouped_matmul_gpu.grouped_matmul(lhs, w, sizes)  # [R, out] float32
+
+
+def _ragged_dot(lhs: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(lhs, w, sizes, preferred_element_type=jnp.float32)
+
+
+def _ragged(
+    cfg: ModelConfig,
+    p: LayerParams,
+    x: jax.Array,
+    flat: jax.Array,
+    top: int,
+    grouped=_ragged_dot,  # (rows sorted by expert, [E, in, out], sizes [E]) -> [R, out]
+):
     e = p.w_gate.shape[0]
     order = jnp.argsort(flat, stable=True)  # rows by expert (expert e's last)
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E] (expert e's not counted)
 
     def product(lhs: jax.Array, w: jax.Array) -> jax.Array:  # run i times expert i's weight
-        return jax.lax.ragged_dot(lhs, w, sizes, preferred_element_type=jnp.float32)
+        return grouped(lhs, w, sizes)
 
     out = _swiglu(cfg, product, x[order // top], flat[order], p)  # [R, D] in expert order
     return jnp.zeros_like(out).at[order].set(out)  # back to token order
