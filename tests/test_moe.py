@@ -274,3 +274,74 @@ def test_a_mixture_counts_all_its_weights_and_reads_only_the_active_ones():
     assert cfg.num_params(active=True) == attn + d * 8 + 3 * d * 32 * 2 + dense + v * d
     # (Tied: the embedding, counted once, is the head's product.) Two FLOPs per active weight.
     assert cfg.flops_per_token() == 2 * cfg.num_params(active=True)
+
+
+def _to_gguf(directory: Path, path: Path, hf_config) -> None:
+    """The Qwen3-MoE checkpoint in `directory` as llama.cpp's converter writes it: arch
+    qwen3moe, each sparse layer's experts stacked (`ffn_gate_exps` [E, C, D] and friends)."""
+    gguf = pytest.importorskip("gguf")
+    from safetensors.numpy import load_file
+
+    raw = {
+        k.removeprefix("model."): v for k, v in load_file(directory / "model.safetensors").items()
+    }
+    c = hf_config
+    w = gguf.GGUFWriter(str(path), arch="qwen3moe")
+    for key, value in {
+        "block_count": c.num_hidden_layers, "embedding_length": c.hidden_size,
+        "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
+        "attention.head_count_kv": c.num_key_value_heads, "attention.key_length": c.head_dim,
+        "context_length": 4096, "vocab_size": c.vocab_size, "expert_count": c.num_experts,
+        "expert_used_count": c.num_experts_per_tok,
+        "expert_feed_forward_length": c.moe_intermediate_size,
+    }.items():  # fmt: skip
+        w.add_uint32(f"qwen3moe.{key}", int(value))
+    w.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32("qwen3moe.rope.freq_base", c.rope_parameters["rope_theta"])
+    w.add_bool("qwen3moe.expert_weights_norm", bool(c.norm_topk_prob))
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate": "ffn_gate_inp",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    tensors = {
+        "token_embd.weight": raw["embed_tokens.weight"],
+        "output_norm.weight": raw["norm.weight"],
+        "output.weight": raw["lm_head.weight"],
+    }
+    for i in range(c.num_hidden_layers):
+        for hf_name, gguf_name in names.items():
+            if f"layers.{i}.{hf_name}.weight" in raw:
+                tensors[f"blk.{i}.{gguf_name}.weight"] = raw[f"layers.{i}.{hf_name}.weight"]
+        for proj, gguf_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            experts = [raw.get(f"layers.{i}.mlp.experts.{e}.{proj}.weight") for e in range(8)]
+            if experts[0] is not None:
+                tensors[f"blk.{i}.ffn_{gguf_name}_exps.weight"] = np.stack(experts)
+    for name, arr in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_mixture_of_experts_with_stacked_experts_matches_transformers(tmp_path: Path):
+    """llama.cpp's MoE tensors (`ffn_gate_inp`, `ffn_{gate,up,down}_exps`), a dense layer where a
+    layer has no router."""
+    hf = write_moe(tmp_path / "hf")
+    _to_gguf(tmp_path / "hf", tmp_path / "moe.gguf", hf.config)
+    cfg, params = load_weights(tmp_path / "moe.gguf")
+    assert cfg.moe_layers == (True, False, True) and cfg.num_experts == 8
+    tokens = np.random.default_rng(6).integers(0, TINY["vocab_size"], SEQ_LEN).astype(np.int32)
+    np.testing.assert_allclose(
+        jinfer_logits(cfg, params, tokens), hf_logits(hf, tokens), rtol=0, atol=ATOL
+    )

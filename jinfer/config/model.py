@@ -241,7 +241,7 @@ class ModelConfig:
     def from_gguf_fields(cls, meta: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from GGUF metadata (key -> python value)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "gemma3", "qwen2", "qwen3", "mistral"):
+        if arch not in ("llama", "gemma3", "qwen2", "qwen3", "qwen3moe", "mistral"):
             raise ValueError(f"unsupported GGUF architecture {arch!r}")
 
         def get(key: str, default: Any = None) -> Any:
@@ -285,12 +285,23 @@ class ModelConfig:
                 query_scale=head_dim**-0.5,
                 tie_word_embeddings=True,
             )
+        moe = {}
+        if int(get("expert_count", 0) or 0):  # Qwen3-MoE, or Mixtral (a llama with experts)
+            width = get("expert_feed_forward_length", get("feed_forward_length"))
+            moe = dict(
+                num_experts=int(get("expert_count")),
+                num_experts_per_tok=int(get("expert_used_count", 2)),
+                moe_intermediate_size=int(width),
+                norm_topk_prob=bool(get("expert_weights_norm", True)),
+                # (which layers are sparse: the loader sees which have a router)
+            )
         return cls(
             arch="llama",
             **common,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
             qkv_bias=arch == "qwen2",
             tie_word_embeddings=False,  # decided by the loader: true when output.weight is absent
+            **moe,
         )
 
     @classmethod

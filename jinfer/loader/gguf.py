@@ -64,6 +64,9 @@ def _load_gguf(path: str | os.PathLike, file: gguf_file.GGUFFile) -> tuple[Model
     tensors = file.tensors
     cfg = ModelConfig.from_gguf_fields(meta)
     cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in tensors)
+    if cfg.num_experts:  # a layer is sparse where it has a router
+        sparse = tuple(f"blk.{i}.ffn_gate_inp.weight" in tensors for i in range(cfg.num_layers))
+        cfg = dataclasses.replace(cfg, moe_layers=sparse)
     permuted = meta.get("general.architecture") in ("llama", "mistral")
     # Gemma's norms are stored as (1 + w) in GGUF already: nothing to fold.
 
@@ -78,11 +81,20 @@ def _load_gguf(path: str | os.PathLike, file: gguf_file.GGUFFile) -> tuple[Model
 
     fields = _layer_fields(cfg)
     fields |= {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}
+    fields["router"] = "ffn_gate_inp"
 
     def layer(i: int) -> LayerParams:
         def name(field: str) -> str:
+            if field.startswith("experts."):  # ffn_gate_exps [E, C, D]; older Mixtral files:
+                _, *expert, w = field.split(".")  # one tensor per expert, ffn_gate.{e}
+                if expert:
+                    return f"blk.{i}.{fields[w]}.{expert[0]}.weight"
+                return f"blk.{i}.{fields[w]}_exps.weight"
             suffix = fields[field]
             return f"blk.{i}.{suffix}" + ("" if "." in suffix else ".weight")
+
+        def label(field: str) -> str:  # a missing expert: as today's files name experts
+            return name(f"experts.{field.split('.')[-1]}") if field.count(".") == 2 else name(field)
 
         def get(field: str) -> np.ndarray | None:
             w = fetch(name(field))
@@ -90,9 +102,11 @@ def _load_gguf(path: str | os.PathLike, file: gguf_file.GGUFFile) -> tuple[Model
                 heads = cfg.num_heads if field == "wq" else cfg.num_kv_heads
                 expect(w, (heads * cfg.head_dim, cfg.hidden_size), name(field))
                 w = _unpermute_rope(w, heads)
+            if w is not None and field.startswith("experts.") and field.count(".") == 1:
+                w = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # [E, out, in] -> [E, in, out]
             return w
 
-        return to_layer(cfg, get, name)
+        return to_layer(cfg, get, label, i)
 
     d, v = cfg.hidden_size, cfg.vocab_size
     embed = require(fetch("token_embd.weight"), "token_embd.weight", (v, d))
