@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from test_weights import ATOL, SEQ_LEN, TINY, hf_logits, jinfer_logits
@@ -142,6 +143,18 @@ def test_gpt_oss_matches_transformers(gather_max_rows: int, tmp_path: Path, monk
     expected = hf_logits(hf, tokens)
     assert np.abs(expected).max() > 0.5
     np.testing.assert_allclose(jinfer_logits(cfg, params, tokens), expected, rtol=0, atol=ATOL)
+
+
+def test_a_bfloat16_gpt_oss_checkpoint_loads_as_its_exact_upcast(tmp_path: Path) -> None:
+    """bfloat16 safetensors (how gpt-oss ships without MXFP4): the interleaved gate/up and every
+    bias come out as the float32 upcast of the bfloat16 weights."""
+    hf = write_moe(tmp_path / "f32", kind="gpt_oss")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    hf.to(torch.bfloat16).float().save_pretrained(tmp_path / "upcast", safe_serialization=True)
+    (_, bf16), (_, upcast) = load_weights(tmp_path / "bf16"), load_weights(tmp_path / "upcast")
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(bf16), leaves(upcast), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gpt_oss_without_its_sinks_is_refused_naming_the_tensor(tmp_path: Path) -> None:

@@ -8,33 +8,34 @@ summed back per token with the router's weights. No capacity factor, no token dr
 program for any routing. The grouped product is chosen by platform and row count (at trace
 time: T is the step's bucket, static), from `scripts/bench_moe.py`'s measurements:
 
-    ragged    rows sorted by expert, `lax.ragged_dot` with the group sizes counted on the device:
-              GPUs and TPUs have grouped-GEMM lowerings for it. XLA:CPU lowers it densely (every
-              expert's weights over every row), 3-23x the floor.
+    kernel    (GPU) rows sorted by expert through `pallas_kernels/moe/grouped_matmul_gpu.py`,
+              tiles of one expert each: XLA:GPU expands `lax.ragged_dot` into a dense product
+              over every expert (E times the FLOPs, an [R, E, D] temporary).
+    ragged    (TPU, and GPU widths the kernel does not tile) rows sorted by expert,
+              `lax.ragged_dot` with the group sizes counted on the device. XLA:CPU lowers it
+              densely too, 3-32x the floor.
     gather    (CPU, few rows) each row times its own expert's weights, gathered per row: reads
-              exactly the active weights, 1.2x the floor for one token; per-row copies make it
+              exactly the active weights, 1.0x the floor for one token; per-row copies make it
               slow for many.
     blocked   (CPU, many rows) the sorted rows padded to whole blocks of `BLOCK` rows per expert,
               each block one batched product with its expert's weights: at most
-              ceil(T*X / BLOCK) + min(E, T*X) blocks, 1.3-2.3x the floor at 32-128 tokens.
+              ceil(T*X / BLOCK) + min(E, T*X) blocks, 1.5-2.3x the floor at 32-128 tokens.
 
 Over n > 1 tensor-parallel devices (`ModelConfig.tensor_parallel_size`) the experts run inside
-`shard_map`, each device its share, and one all-reduce of [T, D] sums the shares per token.
-Tensor parallelism gives each device 1/n of every expert's width; expert parallelism
-(`ModelConfig.expert_parallel`, `enable_expert_parallel`) gives each of the n devices E / n
-experts whole. Attention is tensor parallel, so
-every device already holds every token's activations: inside `shard_map` each runs the rows
-routed to its own experts (the others masked: the same static shapes, no capacity), and one
-all-reduce sums the tokens' outputs -- the all-reduce a tensor-parallel MLP ends with anyway.
-An all-to-all dispatch would move only tokens a device does not have, and here it has them all
-(it pays once attention is data parallel and tokens are split over devices). The all-reduce
-carries [T, D] once the rows are combined per token, where tensor parallelism's reduces the
-[T*X, D] rows (or the blocked product's padded blocks): `scripts/bench_expert_parallel.py`, 8
-devices, 32 experts, top 4: 4 against 16 KiB at T=1, 128 against 1536 KiB at T=32. On GPU and
-TPU `ragged_dot` runs only the rows its group sizes count, a device's own (another device's
-rows sort last, outside every group); XLA:CPU's static products run them all, so on CPU expert
-parallelism computes ~N times more than tensor parallelism (4-11x slower there: it is for
-accelerators).
+`shard_map`, each device its share, and one all-reduce of [T, D] (float32) sums the shares per
+token. Tensor parallelism gives each device 1/n of every expert's width; expert parallelism
+(`ModelConfig.expert_parallel`, `enable_expert_parallel`) gives each device E / n experts whole
+and runs only the rows routed to them (the others masked: the same static shapes, no capacity).
+Attention is tensor parallel, so every device already holds every token's activations: an
+all-to-all dispatch would move tokens to devices that have them (it pays once attention is data
+parallel and tokens are split over devices), so both reduce once, after the rows are combined
+per token. GSPMD left to itself reduces the [T*X, D] rows (or the blocked product's padded
+blocks) instead: `scripts/bench_expert_parallel.py`, 8 devices, 32 experts, top 4, D 1024, KiB
+per layer at T = 1 / 32 / 128: GSPMD 16 / 1536 / 3072, shard_map 4 / 128 / 512. On CPU expert
+parallelism computes ~n times more than tensor parallelism (XLA:CPU's static products run
+another device's rows too, masked: 4-14x slower there); the GPU kernel runs only the rows its
+group sizes count, a device's own (another device's sort last, in no group; TPU's ragged_dot:
+to be measured). Widths the mesh does not divide stay with GSPMD.
 """
 
 from __future__ import annotations
