@@ -1,0 +1,1 @@
+"""Speculative decoding: drafts proposed on the host, verified in the step (`engine.py`)."""
