@@ -37,8 +37,9 @@ Prompt = str | dict[str, Any]
 
 
 def _engine_config(options: dict[str, Any]) -> EngineConfig:
-    if isinstance(options.get("kv_events_config"), dict):  # (as vLLM's LLM takes it)
-        options = {**options, "kv_events_config": json.dumps(options["kv_events_config"])}
+    for name in ("kv_events_config", "speculative_config"):  # dicts, as vLLM's LLM takes them
+        if isinstance(options.get(name), dict):
+            options = {**options, name: json.dumps(options[name])}
     return EngineConfig(**options)
 
 

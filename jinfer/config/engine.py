@@ -32,6 +32,7 @@ from jinfer.attention.backend import AttentionBackend
 from jinfer.config.cache import num_pages_to_fit
 from jinfer.config.kv_events import KVEventsConfig
 from jinfer.config.model import ModelConfig
+from jinfer.config.speculative import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the choices of dtype and kv_cache_dtype
 COMPILE_UNITS = ("auto", "step", "layer")
@@ -246,6 +247,14 @@ class EngineConfig:
         type=str,
     )
 
+    speculative_config: str | None = option(
+        None,
+        'vLLM\'s speculative decoding settings as JSON: {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}; greedy '
+        "requests verify the drafts (jinfer/config/speculative.py)",
+        type=str,
+    )
+
     def __post_init__(self) -> None:
         for name, (field, opt) in options().items():
             value = getattr(self, name)
@@ -257,6 +266,10 @@ class EngineConfig:
             KVEventsConfig.parse(self.kv_events_config)
         except ValueError as e:
             raise OptionError("kv_events_config", str(e)) from None
+        try:
+            SpeculativeConfig.parse(self.speculative_config)
+        except ValueError as e:
+            raise OptionError("speculative_config", str(e)) from None
 
     @property
     def is_resolved(self) -> bool:
@@ -279,6 +292,10 @@ class EngineConfig:
     @property
     def kv_events(self) -> KVEventsConfig:
         return KVEventsConfig.parse(self.kv_events_config)
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def backend(self) -> AttentionBackend:

@@ -29,6 +29,7 @@ from jinfer.scheduler.block_manager import BlockManager
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
+from jinfer.spec_decode import verify
 from jinfer.structured.grammar import CompiledGrammar, GrammarCompiler
 from jinfer.structured.guards import TokenGuards
 from jinfer.tokenizer.tokenizer import Tokenizer
@@ -95,6 +96,7 @@ class Engine:
         self.grammars = GrammarCompiler(tokenizer)  # structured output's constraints
         self.group = None  # the processes the model spans, if more than this one (builder.py)
         self.kv_events = None  # the KV cache events' publisher, when enabled (builder.py)
+        self.speculative = config.speculative  # drafts verified per step (spec_decode/)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -213,6 +215,12 @@ class Engine:
         # penalties) lands the previous step between its forward pass and its sampling: the
         # host's work overlaps the forward pass, and the sampler sees every token.
         outputs = []
+        if self.speculative.enabled:
+            # Drafts continue the known tokens: the step in flight lands first (its host work
+            # no longer overlaps the device; a verification step makes up for it many times).
+            if self._in_flight is not None:
+                outputs += self._land(finished_only)
+            verify.propose(self.scheduler.running, self.speculative, self.config.max_model_len)
         plan = self.scheduler.schedule()
         self.stats.record_plan(plan, self.config.enable_prefix_caching)
         previous, self._in_flight = self._in_flight, None
@@ -224,7 +232,7 @@ class Engine:
                 outputs += self._land(finished_only, previous)
                 previous = None
             dispatched = self.runner.sample(forward)
-            for seq in dispatched.seqs:
+            for seq in {id(s): s for s in dispatched.seqs}.values():  # (a verification: rows)
                 if not seq.is_finished:  # (landing the previous step may have stopped it)
                     seq.add_placeholder()
             self._in_flight = (plan, dispatched)
@@ -242,7 +250,7 @@ class Engine:
         if step is None:
             step, self._in_flight = self._in_flight, None
         plan, dispatched = step
-        result = dispatched.result()
+        result = verify.accept(dispatched.result(), self.stats)  # (no drafts: as it is)
         self.stats.record_step(plan, result)
         touched, done = self.output.process(result)
         for seq in result.seqs:

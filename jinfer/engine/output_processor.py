@@ -1,11 +1,12 @@
 """From sampled tokens to what callers read: stop checks, limits, text, logprobs, `RequestOutput`.
 
-Each step the runner hands back one token per sequence that reached its end. For each, in row
-order, the processor appends the token, records its logprobs, streams its text and checks the
-request's stop conditions (EOS and stop tokens, then stop strings, then max_tokens and
-max_model_len), and says which sequences are done and why; the engine then frees them. Outputs
-are built from the request state on demand, the logprob entries incrementally (each step adds
-one, never rebuilding the rest).
+Each step the runner hands back one token per sequence that reached its end (a verification of
+speculative drafts: its accepted drafts and the token after them, one row each, in order). For
+each, in row order, the processor appends the token, records its logprobs, streams its text
+and checks the request's stop conditions (EOS and stop tokens, then stop strings, then
+max_tokens and max_model_len), and says which sequences are done and why; the engine then frees
+them (rows of a sequence after its stop are dropped). Outputs are built from the request state
+on demand, the logprob entries incrementally (each step adds one, never rebuilding the rest).
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ class OutputProcessor:
         are done with their finish reasons, in row order, for the scheduler to finish."""
         touched: dict[str, RequestState] = {}
         done: list[tuple[Sequence, str]] = []
+        stopped: set[int] = set()  # a verification's rows after its stop are never seen
         now = time.monotonic()
         for row, seq in enumerate(result.seqs):
-            if seq.is_finished:  # aborted meanwhile
+            if seq.is_finished or id(seq) in stopped:  # aborted meanwhile, or stopped above
                 continue
             req = self.requests[seq.parent_id]
             state = next(s for s in req.states if s.seq is seq)
@@ -139,6 +141,7 @@ class OutputProcessor:
                     seq.request_id, token, seq.matcher.get_error(),
                 )  # fmt: skip
                 done.append((seq, "abort"))
+                stopped.add(id(seq))
                 touched[req.request_id] = req
                 continue
             if req.metrics.first_token_time is None:
@@ -158,6 +161,7 @@ class OutputProcessor:
                 reason = self._check_guard(state, reason)
             if reason is not None:
                 done.append((seq, reason))
+                stopped.add(id(seq))
             touched[req.request_id] = req
         return list(touched.values()), done
 

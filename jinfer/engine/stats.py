@@ -27,6 +27,21 @@ class EngineStats:
     # (bucket, "prefill" | "decode") -> [steps, runner seconds, real tokens]: where step time
     # goes by compiled program ("prefill": the step runs some prompt tokens).
     steps_by_bucket: dict[tuple[int, str], list[float]] = dataclasses.field(default_factory=dict)
+    # Speculative decoding (vLLM's vllm:spec_decode_*): verifications run, drafts verified,
+    # drafts accepted, and accepted drafts by position in their draft (0: the first).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+
+    def record_verification(self, num_drafts: int, num_accepted: int) -> None:
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_accepted
+        if len(self.spec_accepted_per_pos) < num_drafts:
+            self.spec_accepted_per_pos += [0] * (num_drafts - len(self.spec_accepted_per_pos))
+        for i in range(num_accepted):
+            self.spec_accepted_per_pos[i] += 1
 
     @property
     def host_time(self) -> float:
@@ -56,7 +71,11 @@ class EngineStats:
         """Counts a step the runner ran, and tallies it under its bucket and kind."""
         self.num_steps += 1
         self.device_time += result.device_time
-        kind = "prefill" if any(n > 1 for _, n in plan.scheduled) else "decode"
+        kind = (
+            "prefill"
+            if any(n > 1 + len(s.draft_token_ids) for s, n in plan.scheduled)
+            else "decode"
+        )
         tally = self.steps_by_bucket.setdefault((result.bucket, kind), [0, 0.0, 0])
         tally[0] += 1
         tally[1] += result.host_time + result.device_time

@@ -84,8 +84,12 @@ def place(
     bucket: int,
     max_num_seqs: int,
     query_block: int,
+    per_token: list[bool] | None = None,
 ) -> Placement | None:
-    """Lays the runs out in `bucket`, or None when they do not fit it."""
+    """Lays the runs out in `bucket`, or None when they do not fit it. `per_token[i]`: run i
+    takes region A like decodes, each token attending up to its own position (a token and its
+    speculative drafts: a verification costs what its decodes would, no query-block padding)."""
+    per_token = per_token or [False] * len(run_lengths)
     a = region_a(bucket, max_num_seqs, query_block)
     nb = (bucket - a) // max(query_block, 1)
     block_rows = np.zeros(nb, np.int32)
@@ -97,12 +101,12 @@ def place(
         return Placement(bucket, starts, block_rows, block_lens)
     starts: list[int] = []
     decode_at, block = 0, 0
-    for n, row in zip(run_lengths, run_rows, strict=True):
-        if n == 1:
-            if decode_at >= a:
+    for n, row, alone in zip(run_lengths, run_rows, per_token, strict=True):
+        if n == 1 or alone:
+            if decode_at + n > a:
                 return None
             starts.append(decode_at)
-            decode_at += 1
+            decode_at += n
             continue
         need = -(-n // query_block)
         if block + need > nb:

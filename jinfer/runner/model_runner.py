@@ -131,9 +131,10 @@ class ModelRunner:
         """The layout of `plan` in the smallest bucket that holds it."""
         lengths = [n for _, n in plan.scheduled]
         rows = [seq.slot for seq, _ in plan.scheduled]
+        verify = [bool(seq.draft_token_ids) for seq, _ in plan.scheduled]
         for b in self.buckets:
             if b >= plan.num_tokens:
-                placement = place(lengths, rows, b, self.max_num_seqs, self.query_block)
+                placement = place(lengths, rows, b, self.max_num_seqs, self.query_block, verify)
                 if placement is not None:
                     return placement
         raise ValueError(
@@ -203,7 +204,8 @@ class ModelRunner:
             end = start + num_new
             table = seq.block_table
             self._write_table(seq.slot, table)
-            tokens[t : t + num_new] = seq.token_slice(start, end)
+            drafts = seq.draft_token_ids  # (verified here: one sampled row per position)
+            tokens[t : t + num_new] = seq.token_slice(start, end - len(drafts)) + drafts
             if seq.num_placeholders:  # its newest token is in flight: `prev` sampled it
                 known = seq.num_known_tokens
                 assert seq.num_placeholders == 1 and known >= start, "one step in flight"
@@ -220,7 +222,11 @@ class ModelRunner:
                 slot_mapping[t : t + num_new] = (
                     pages[pos // self.page_size - first] * self.page_size + pos % self.page_size
                 )
-            if end == seq.num_tokens:  # reached the end: sample a next token
+            if drafts:  # the token and each draft: what should follow each
+                first = len(sampled)
+                logits_idx[first : first + num_new] = np.arange(t, t + num_new, dtype=np.int32)
+                sampled += [seq] * num_new
+            elif end == seq.num_tokens:  # reached the end: sample a next token
                 logits_idx[len(sampled)] = t + num_new - 1
                 sampled.append(seq)
         meta = self._meta(

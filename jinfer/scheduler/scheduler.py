@@ -76,6 +76,10 @@ class Scheduler:
         # the batch (attention.xla.TOKENS_PER_GROUP), so similar lengths share a loop bound.
         decodes.sort(key=lambda s: -s.num_tokens)
         chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        # Speculative decoding: a decode with drafts verifies them in the same step, one logits
+        # row each. Drafts take only rows and budget no request needs: sampled rows are at most
+        # max_num_seqs, and a busy batch verifies none (it is never slower for them).
+        spare_rows = self.config.max_num_seqs - len(self.running) - len(self.waiting)
         used = 0
         for seq in decodes + chunks:
             budget = self.config.max_num_batched_tokens - used
@@ -83,15 +87,19 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = self._fit(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids:
+                keep = max(0, min(len(seq.draft_token_ids), budget - 1, spare_rows))
+                del seq.draft_token_ids[keep:]
+                spare_rows -= keep
+            num_new = self._fit(seq.num_uncomputed_tokens, budget) + len(seq.draft_token_ids)
             if num_new == 0:  # less than one query block left: a later 1-token run may fit
                 continue
             num_preempted = len(preempted)
             if self._reserve(seq, num_new, preempted, scheduled):
                 scheduled.append((seq, num_new))
-                used += self._cost(num_new)
+                used += self._run_cost(seq, num_new)
             if len(preempted) != num_preempted:  # a preemption may have unscheduled others
-                used = sum(self._cost(n) for _, n in scheduled)
+                used = sum(self._run_cost(s, n) for s, n in scheduled)
 
         budget = self.config.max_num_batched_tokens - used
 
@@ -117,6 +125,10 @@ class Scheduler:
             scheduled.append((seq, num_new))
             admitted.append((seq, num_cached))
             budget -= self._cost(num_new)
+        verifying = {id(s) for s, _ in scheduled}
+        for seq in self.running + preempted:  # drafts not verified this step are dropped
+            if seq.draft_token_ids and id(seq) not in verifying:
+                seq.draft_token_ids = []
         return StepPlan(scheduled, preempted, admitted)
 
     def _ends_in_flight(self, seq: Sequence) -> bool:
@@ -133,6 +145,10 @@ class Scheduler:
         token) is laid out in whole query blocks."""
         q = self.config.prefill_granularity
         return num_new if num_new == 1 else -(-num_new // q) * q
+
+    def _run_cost(self, seq: Sequence, num_new: int) -> int:
+        """A verification (a token and its drafts) runs per token: no query-block padding."""
+        return num_new if seq.draft_token_ids else self._cost(num_new)
 
     def _fit(self, remaining: int, budget: int) -> int:
         """How many of `remaining` uncomputed tokens a run may take out of `budget`: all of them
@@ -186,7 +202,8 @@ class Scheduler:
         steps in order, so the next step may read them); full pages of known tokens become
         cacheable."""
         for seq, num_new in plan.scheduled:
-            seq.num_computed_tokens += num_new
+            # (drafts count as computed once accepted: `accept_drafts`)
+            seq.num_computed_tokens += num_new - len(seq.draft_token_ids)
             self.blocks.cache_full_pages(seq)
 
     def on_token_known(self, seq: Sequence) -> None:

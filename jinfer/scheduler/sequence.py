@@ -59,6 +59,10 @@ class Sequence:
     # consumed every known output token; the sampler masks the next one by it.
     matcher: Any = None
     guards: Any = None  # allowed_token_ids / bad_words (`structured/guards.py`), or None
+    # Speculative decoding: tokens proposed to follow the last one (`spec_decode/`), which the
+    # step scheduled for this sequence verifies; never part of its tokens until accepted.
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_drafts_wanted: int | None = None  # how many to propose next (None: as many as allowed)
 
     @property
     def needs_known_tokens(self) -> bool:

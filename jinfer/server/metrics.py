@@ -102,6 +102,29 @@ class _EngineCollector(Collector):
             "Prompt tokens found in the prefix cache.",
             stats.prefix_cache_hits,
         )
+        yield self._counter(
+            "vllm:spec_decode_num_drafts",
+            "Speculative verifications run (a request's drafts checked in one step).",
+            stats.spec_num_drafts,
+        )
+        yield self._counter(
+            "vllm:spec_decode_num_draft_tokens",
+            "Draft tokens verified.",
+            stats.spec_num_draft_tokens,
+        )
+        yield self._counter(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Draft tokens accepted.",
+            stats.spec_num_accepted_tokens,
+        )
+        per_pos = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in their draft.",
+            labels=[*self.labels, "position"],
+        )
+        for i, n in enumerate(stats.spec_accepted_per_pos):
+            per_pos.add_metric([*self.labels.values(), str(i)], n)
+        yield per_pos
         yield self._gauge(
             "jinfer:prefix_cache_pages",
             "KV pages holding a cached prefix (in use or idle).",
