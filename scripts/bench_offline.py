@@ -44,7 +44,8 @@ from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, re
 
 from jinfer import LLM, SamplingParams
 from jinfer.config.engine import COMPILE_UNITS, DTYPES
-from jinfer.config.model import ModelConfig, RopeScaling
+from jinfer.config.model import ModelConfig
+from jinfer.config.rope import RopeScaling
 from jinfer.loader import named_models
 
 log = logging.getLogger("bench_offline")

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.config.model import ModelConfig, RopeScaling
+from jinfer.config.model import ModelConfig
+from jinfer.config.rope import RopeScaling
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
