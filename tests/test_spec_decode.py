@@ -133,7 +133,7 @@ def _generate(llm, prompts, params):
 
 def _requests(rng, vocab: int):
     """Prompts that repeat themselves (what prompt lookup drafts from) and limits that fall
-    mid-draft: a stop token, max_tokens, n = 2, and a sampled request (never speculates)."""
+    mid-draft: a stop token, max_tokens, n = 2, and a seeded sampled request."""
     base = rng.integers(3, vocab, 24).tolist()
     prompts = [
         {"prompt_token_ids": base * 3},
@@ -145,7 +145,7 @@ def _requests(rng, vocab: int):
         SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0, max_tokens=33, ignore_eos=True, n=2),
         SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[base[5]]),
-        SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True, top_p=0.9),
     ]
     return prompts, params
 
@@ -230,3 +230,34 @@ def test_real_model_greedy_code_edit_equals_speculation_off(model: str):
         if name == "on":
             assert llm.engine.stats.spec_num_accepted_tokens > 20
     assert results["on"] == results["off"]
+
+
+def test_sampled_requests_draw_the_target_models_tokens_with_drafts(make_tiny_llm, monkeypatch):
+    """Rejection sampling of one-token drafts: 64 seeded requests at temperature 1, the even
+    seeds drafted with their own tokens, the odd ones with another seed's (plausible, mostly
+    wrong), give for every seed exactly the tokens speculation off gives. The target's
+    distribution is then reproduced with no sampling error at all (a bound of zero: each draw
+    is the one decoding would make)."""
+    prompt = np.random.default_rng(5).integers(3, 49152, 12).tolist()
+    seeds = list(range(64))
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=6, ignore_eos=True) for s in seeds]
+    prompts = [{"prompt_token_ids": prompt}] * len(seeds)
+    kw = dict(max_num_seqs=16, max_num_batched_tokens=64)
+    off = make_tiny_llm(**kw)
+    want = [o.outputs[0].token_ids for o in off.generate(prompts, params, use_tqdm=False)]
+    assert len({tuple(w) for w in want}) > 32  # the draws differ from seed to seed
+
+    def propose(seqs, spec, max_model_len):
+        for seq in seqs:
+            seq.draft_token_ids = []
+            if seq.num_uncomputed_tokens == 1 and verify.drafts_allowed(seq):
+                source = want[seq.seed if seq.seed % 2 == 0 else (seq.seed + 1) % 64]
+                done = seq.num_output_tokens
+                seq.draft_token_ids = source[done : min(done + 4, len(source) - 1)]
+
+    monkeypatch.setattr(verify, "propose", propose)
+    on = make_tiny_llm(**kw, speculative_config=NGRAM)
+    got = [o.outputs[0].token_ids for o in on.generate(prompts, params, use_tqdm=False)]
+    stats = on.engine.stats
+    assert got == want
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

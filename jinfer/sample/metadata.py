@@ -93,6 +93,7 @@ class SamplingBatch:
         bias_ids = np.full((rows, BIAS_WIDTH), -1, np.int32)
         bias_vals = np.zeros((rows, BIAS_WIDTH), np.float32)
         want_logprobs = use_penalties = False
+        earlier: dict[int, int] = {}  # a verification's rows: one per position, in order
         for i, s in enumerate(seqs):
             p = s.params
             temperature[i], top_p[i], min_p[i], top_k[i] = p.temperature, p.top_p, p.min_p, p.top_k
@@ -102,7 +103,10 @@ class SamplingBatch:
                 p.frequency_penalty,
             )
             seed_lo[i], seed_hi[i] = split_seed(s.seed)
-            counter[i] = s.num_output_tokens
+            # The draw of output token j is keyed by j: a verification's row r samples token
+            # num_output_tokens + r with the very draw decoding would use for it.
+            counter[i] = s.num_output_tokens + earlier.get(id(s), 0)
+            earlier[id(s)] = earlier.get(id(s), 0) + 1
             bias_ids[i, : len(biases[i])] = list(biases[i])
             bias_vals[i, : len(biases[i])] = list(biases[i].values())
             want_logprobs |= p.logprobs is not None

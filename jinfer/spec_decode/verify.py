@@ -5,7 +5,15 @@ positions producing logits (the same sampler, one row each, `runner/model_runner
 token is what the model says follows position i, so draft i is right when it equals row i's
 token; the first wrong one, and everything after it, is rejected, and row k's token (after the
 k accepted drafts) is the step's own new token. Greedy rows make this exact: the tokens are the
-ones decoding without drafts would give. The rejected drafts' KV slots hold garbage only past
+ones decoding without drafts would give.
+
+Sampled rows too. A draft here is one token, not a distribution (q = one-hot), and rejection
+sampling then accepts draft d with probability p(d) and otherwise draws the correction from
+p with d removed, renormalized. Drawing x ~ p and accepting when x == d does exactly that: x
+equals d with probability p(d), and given x != d it is distributed as p(y) / (1 - p(d)). Each
+row draws with its own output position's random number (`sample/metadata.py`), so a seeded
+request gets the very tokens it gets without drafts, and the output distribution is the
+target model's. The rejected drafts' KV slots hold garbage only past
 the request's computed tokens, which the next step overwrites; they never reach the prefix cache
 (it indexes computed, known tokens only).
 """
@@ -24,13 +32,13 @@ from jinfer.spec_decode import ngram
 
 
 def drafts_allowed(seq: Sequence) -> bool:
-    """Greedy requests whose next sample reads nothing of their history on the host (no
-    grammar, no penalties, no bad words) and past min_tokens: every row of a verification then
-    samples exactly what a decode at that position would."""
+    """Requests whose next sample reads nothing of their history on the host (no grammar, no
+    penalties, no bad words) and past min_tokens: every row of a verification then samples
+    exactly what a decode at that position would, greedy or seeded (row r draws output token
+    n + r's own random number, `sample/metadata.py`)."""
     p = seq.params
     return (
-        p.temperature == 0
-        and not seq.needs_known_tokens
+        not seq.needs_known_tokens
         and seq.num_output_tokens >= p.min_tokens
         and not seq.num_placeholders
     )
