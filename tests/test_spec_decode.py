@@ -215,20 +215,22 @@ def test_real_model_greedy_code_edit_equals_speculation_off(model: str):
         [{"role": "user", "content": f"Copy this file exactly:\n\n{code}"}],
     ]
     params = [
-        SamplingParams(temperature=0, max_tokens=80),
-        SamplingParams(temperature=0, max_tokens=24),
-        SamplingParams(temperature=0, max_tokens=80, stop=["def propose"]),
+        SamplingParams(temperature=0, max_tokens=48),
+        SamplingParams(temperature=0, max_tokens=16),
+        SamplingParams(temperature=0, max_tokens=64, stop=["occurrence"]),  # mid-copy
     ]
-    kw = dict(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=256)
+    kw = dict(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128)
     results = {}
     for name, extra in (("off", {}), ("on", {"speculative_config": NGRAM})):
         llm = LLM(model, **kw, **extra)
         compiles = llm.engine.num_compiles
         outs = llm.chat(chats, params, use_tqdm=False)
         assert llm.engine.num_compiles == compiles
-        results[name] = [(o.outputs[0].token_ids, o.outputs[0].text) for o in outs]
+        results[name] = [
+            (o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs
+        ]
         if name == "on":
-            assert llm.engine.stats.spec_num_accepted_tokens > 20
+            assert llm.engine.stats.spec_num_accepted_tokens > 10
     assert results["on"] == results["off"]
 
 
