@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+from jinfer.config.json_option import json_object
+
 PUBLISHERS = ("null", "zmq")
 
 
@@ -34,17 +36,9 @@ class KVEventsConfig:
     def parse(cls, text: str | dict[str, Any] | None) -> KVEventsConfig:
         """From JSON (the flag) or a dict (`LLM(kv_events_config=...)`); ValueError naming the
         first key or value it does not take."""
-        if text is None:
+        raw = json_object(text)
+        if raw is None:
             return cls()
-        if isinstance(text, str):
-            try:
-                raw = json.loads(text)
-            except ValueError as e:
-                raise ValueError(f"is not JSON ({e})") from None
-        else:
-            raw = text
-        if not isinstance(raw, dict):
-            raise ValueError(f"must be a JSON object, got {type(raw).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in raw.items():
             if key not in fields:

@@ -11,8 +11,9 @@ step then verifies up to `num_speculative_tokens` of them at once (`jinfer/spec_
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
+
+from jinfer.config.json_option import json_object
 
 METHODS = ("ngram",)  # (suffix decoding: issue 22, next)
 
@@ -32,17 +33,9 @@ class SpeculativeConfig:
     def parse(cls, text: str | dict[str, Any] | None) -> SpeculativeConfig:
         """From JSON (the flag) or a dict (`LLM(speculative_config=...)`); ValueError naming
         the first key or value it does not take."""
-        if text is None:
+        raw = json_object(text)
+        if raw is None:
             return cls()
-        if isinstance(text, str):
-            try:
-                raw = json.loads(text)
-            except ValueError as e:
-                raise ValueError(f"is not JSON ({e})") from None
-        else:
-            raw = text
-        if not isinstance(raw, dict):
-            raise ValueError(f"must be a JSON object, got {type(raw).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         for key, value in raw.items():
             if key not in fields:
