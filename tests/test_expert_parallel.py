@@ -9,14 +9,12 @@ checkpoints and transformers' tokens come from this one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from test_moe import write_moe
+from test_tensor_parallel import run_on_8_devices
 
 from jinfer.config.engine import EngineConfig, OptionError
 from jinfer.config.model import ModelConfig
@@ -83,18 +81,8 @@ def test_expert_parallel_over_8_devices_gives_transformers_greedy_tokens(tmp_pat
                     do_sample=False,
                 )
             expected[kind].append(out[0, len(prompt) :].tolist())
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps([directories, prompts, MAX_TOKENS])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    assert json.loads(line[len("RESULT") :]) == expected
+    got = run_on_8_devices(CHILD, json.dumps([directories, prompts, MAX_TOKENS]))
+    assert got == expected
 
 
 def test_expert_parallel_needs_experts_that_split_evenly():

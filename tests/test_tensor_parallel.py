@@ -48,10 +48,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def _run(model: str) -> dict:
+def run_on_8_devices(child: str, arg: str) -> dict:
+    """Runs `child` (Python source) with `arg` in a process that sees 8 simulated CPU devices;
+    the JSON it printed after "RESULT"."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, model],
+        [sys.executable, "-c", child, arg],
         env=env,
         capture_output=True,
         text=True,
@@ -61,6 +63,10 @@ def _run(model: str) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])
+
+
+def _run(model: str) -> dict:
+    return run_on_8_devices(CHILD, model)
 
 
 def test_tp4_equals_tp1_tiny_model():
