@@ -250,8 +250,9 @@ class Engine:
         if step is None:
             step, self._in_flight = self._in_flight, None
         plan, dispatched = step
-        result = verify.accept(dispatched.result(), self.stats)  # (no drafts: as it is)
-        self.stats.record_step(plan, result)
+        result = dispatched.result()
+        self.stats.record_step(plan, result)  # (before `accept` clears the drafts it counts)
+        result = verify.accept(result, self.stats)  # (no drafts: as it is)
         touched, done = self.output.process(result)
         for seq in result.seqs:
             self.scheduler.on_token_known(seq)

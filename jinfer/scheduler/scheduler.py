@@ -202,7 +202,7 @@ class Scheduler:
         steps in order, so the next step may read them); full pages of known tokens become
         cacheable."""
         for seq, num_new in plan.scheduled:
-            # (drafts count as computed once accepted: `accept_drafts`)
+            # (drafts count as computed once accepted: `spec_decode.verify.accept`)
             seq.num_computed_tokens += num_new - len(seq.draft_token_ids)
             self.blocks.cache_full_pages(seq)
 

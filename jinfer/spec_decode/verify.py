@@ -13,9 +13,11 @@ p with d removed, renormalized. Drawing x ~ p and accepting when x == d does exa
 equals d with probability p(d), and given x != d it is distributed as p(y) / (1 - p(d)). Each
 row draws with its own output position's random number (`sample/metadata.py`), so a seeded
 request gets the very tokens it gets without drafts, and the output distribution is the
-target model's. The rejected drafts' KV slots hold garbage only past
-the request's computed tokens, which the next step overwrites; they never reach the prefix cache
-(it indexes computed, known tokens only).
+target model's.
+
+The rejected drafts' KV slots hold garbage only past the request's computed tokens, which the
+next step overwrites; they never reach the prefix cache (it indexes computed, known tokens
+only).
 """
 
 from __future__ import annotations
