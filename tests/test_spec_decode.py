@@ -4,7 +4,8 @@ own context, verified in the step, greedy tokens identical to decoding without t
 The fast tests cover the proposer, the config, where a verification sits in a step, and what a
 verification accepts; the engine tests compare whole generations with speculation on and off
 (batched, chunked prefill, preemption, stops and limits mid-draft, prefix-cache hits after it),
-on a tiny random model and on both real models."""
+on a tiny random model and on both real models (SmolLM2 drafting by suffix decoding: its own
+tests are in test_suffix_decoding.py)."""
 
 from __future__ import annotations
 
@@ -200,8 +201,11 @@ def test_greedy_tokens_equal_speculation_off_through_preemption_and_prefix_hits(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "gemma3-270m"])
-def test_real_model_greedy_code_edit_equals_speculation_off(model: str):
+@pytest.mark.parametrize(
+    "model, spec",
+    [("smollm2-135m-instruct", {"method": "suffix"}), ("gemma3-270m", NGRAM)],  # one method each
+)
+def test_real_model_greedy_code_edit_equals_speculation_off(model: str, spec: dict):
     """A code edit (the file in the prompt, the edited file out), chat, and a stop string that
     falls inside an accepted draft: the same text and tokens with speculation as without."""
     from pathlib import Path
@@ -221,7 +225,7 @@ def test_real_model_greedy_code_edit_equals_speculation_off(model: str):
     ]
     kw = dict(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128)
     results = {}
-    for name, extra in (("off", {}), ("on", {"speculative_config": NGRAM})):
+    for name, extra in (("off", {}), ("on", {"speculative_config": spec})):
         llm = LLM(model, **kw, **extra)
         compiles = llm.engine.num_compiles
         outs = llm.chat(chats, params, use_tqdm=False)
@@ -249,7 +253,7 @@ def test_sampled_requests_draw_the_target_models_tokens_with_drafts(make_tiny_ll
     want = [o.outputs[0].token_ids for o in off.generate(prompts, params, use_tqdm=False)]
     assert len({tuple(w) for w in want}) > 32  # the draws differ from seed to seed
 
-    def propose(seqs, spec, max_model_len):
+    def propose(seqs, drafter, spec, max_model_len):
         for seq in seqs:
             seq.draft_token_ids = []
             if seq.num_uncomputed_tokens == 1 and verify.drafts_allowed(seq):

@@ -97,6 +97,7 @@ class Engine:
         self.group = None  # the processes the model spans, if more than this one (builder.py)
         self.kv_events = None  # the KV cache events' publisher, when enabled (builder.py)
         self.speculative = config.speculative  # drafts verified per step (spec_decode/)
+        self.drafter = verify.make_drafter(self.speculative)  # None: no speculation
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -185,7 +186,7 @@ class Engine:
             return False
         for state in req.states:
             if not state.seq.is_finished:
-                self.scheduler.finish(state.seq, "abort")
+                self._finish(state.seq, "abort")
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -215,12 +216,15 @@ class Engine:
         # penalties) lands the previous step between its forward pass and its sampling: the
         # host's work overlaps the forward pass, and the sampler sees every token.
         outputs = []
-        if self.speculative.enabled:
+        if self.drafter is not None and self.scheduler.draft_rows() > 0:
             # Drafts continue the known tokens: the step in flight lands first (its host work
             # no longer overlaps the device; a verification step makes up for it many times).
+            # A full batch has no rows for drafts: it stays overlapped and drafts nothing.
             if self._in_flight is not None:
                 outputs += self._land(finished_only)
-            verify.propose(self.scheduler.running, self.speculative, self.config.max_model_len)
+            verify.propose(
+                self.scheduler.running, self.drafter, self.speculative, self.config.max_model_len
+            )
         plan = self.scheduler.schedule()
         self.stats.record_plan(plan, self.config.enable_prefix_caching)
         previous, self._in_flight = self._in_flight, None
@@ -257,8 +261,13 @@ class Engine:
         for seq in result.seqs:
             self.scheduler.on_token_known(seq)
         for seq, reason in done:
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
         return [self.output.output(req) for req in touched if req.finished or not finished_only]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if self.drafter is not None:
+            self.drafter.finish(seq)  # (suffix decoding drafts from finished outputs)
 
     @property
     def requests(self) -> dict[str, RequestState]:

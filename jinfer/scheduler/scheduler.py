@@ -58,6 +58,10 @@ class Scheduler:
         seq.finish_reason = reason
 
     # --------------------------------------------------------------- schedule
+    def draft_rows(self) -> int:
+        """Sampled rows no request needs this step: speculative drafts may take them."""
+        return self.config.max_num_seqs - len(self.running) - len(self.waiting)
+
     def schedule(self) -> StepPlan:
         # Policy: fill the token budget with running requests first, decodes before prefill
         # chunks, so long prompts never stall running decodes; then admit waiting requests in
@@ -79,7 +83,7 @@ class Scheduler:
         # Speculative decoding: a decode with drafts verifies them in the same step, one logits
         # row each. Drafts take only rows and budget no request needs: sampled rows are at most
         # max_num_seqs, and a busy batch verifies none (it is never slower for them).
-        spare_rows = self.config.max_num_seqs - len(self.running) - len(self.waiting)
+        spare_rows = self.draft_rows()
         used = 0
         for seq in decodes + chunks:
             budget = self.config.max_num_batched_tokens - used

@@ -63,6 +63,7 @@ class Sequence:
     # step scheduled for this sequence verifies; never part of its tokens until accepted.
     draft_token_ids: list[int] = field(default_factory=list)
     num_drafts_wanted: int | None = None  # how many to propose next (None: as many as allowed)
+    drafter_state: Any = None  # what the proposer keeps of it between steps (suffix: an index)
 
     @property
     def needs_known_tokens(self) -> bool:

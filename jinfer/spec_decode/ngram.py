@@ -12,6 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from jinfer.config.speculative import SpeculativeConfig
+from jinfer.scheduler.sequence import Sequence
+
+
+class NgramDrafter:
+    """`propose(seq, k)` for the engine each step; nothing kept between steps."""
+
+    def __init__(self, spec: SpeculativeConfig) -> None:
+        self.min_n, self.max_n = spec.prompt_lookup_min, spec.prompt_lookup_max
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        return propose(np.asarray(seq.all_token_ids(), np.int32), k, self.min_n, self.max_n)
+
+    def finish(self, seq: Sequence) -> None:
+        pass
+
 
 def propose(
     tokens: np.ndarray,  # [S] int32: the request's prompt and known output

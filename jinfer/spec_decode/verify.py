@@ -30,7 +30,17 @@ from jinfer.config.speculative import SpeculativeConfig
 from jinfer.engine.stats import EngineStats
 from jinfer.runner.model_runner import StepResult
 from jinfer.scheduler.sequence import Sequence
-from jinfer.spec_decode import ngram
+from jinfer.spec_decode.ngram import NgramDrafter
+from jinfer.spec_decode.suffix import SuffixDrafter
+
+Drafter = NgramDrafter | SuffixDrafter
+
+
+def make_drafter(spec: SpeculativeConfig) -> Drafter | None:
+    """The proposer `spec` names; None without speculation."""
+    if not spec.enabled:
+        return None
+    return {"ngram": NgramDrafter, "suffix": SuffixDrafter}[spec.method](spec)
 
 
 def drafts_allowed(seq: Sequence) -> bool:
@@ -46,7 +56,9 @@ def drafts_allowed(seq: Sequence) -> bool:
     )
 
 
-def propose(seqs: list[Sequence], spec: SpeculativeConfig, max_model_len: int) -> None:
+def propose(
+    seqs: list[Sequence], drafter: Drafter, spec: SpeculativeConfig, max_model_len: int
+) -> None:
     """Sets each eligible decode's `draft_token_ids` (the scheduler may trim them): at most
     num_speculative_tokens, at most one more than its last verification held, and none past
     max_tokens or max_model_len (the step's own token comes after them)."""
@@ -62,10 +74,7 @@ def propose(seqs: list[Sequence], spec: SpeculativeConfig, max_model_len: int) -
             k = min(k, seq.num_drafts_wanted)
         if k <= 0:
             continue
-        tokens = np.asarray(seq.all_token_ids(), np.int32)
-        seq.draft_token_ids = ngram.propose(
-            tokens, k, spec.prompt_lookup_min, spec.prompt_lookup_max
-        )
+        seq.draft_token_ids = drafter.propose(seq, k)
 
 
 def accept(result: StepResult, stats: EngineStats) -> StepResult:
