@@ -250,8 +250,9 @@ class EngineConfig:
     speculative_config: str | None = option(
         None,
         'vLLM\'s speculative decoding settings as JSON: {"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}: drafts '
-        "from each request's own context, verified in the step (jinfer/config/speculative.py)",
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4} drafts '
+        'from each request\'s own context, {"method": "suffix"} also from earlier outputs of '
+        "its cache_salt; verified in the step (jinfer/config/speculative.py)",
         type=str,
     )
 

@@ -19,6 +19,10 @@ from jinfer.scheduler.sequence import Sequence
 class NgramDrafter:
     """`propose(seq, k)` for the engine each step; nothing kept between steps."""
 
+    # A match says nothing of how far its continuation holds: the engine paces each request's
+    # drafts by its last verification (`verify.propose`).
+    paced = True
+
     def __init__(self, spec: SpeculativeConfig) -> None:
         self.min_n, self.max_n = spec.prompt_lookup_min, spec.prompt_lookup_max
 

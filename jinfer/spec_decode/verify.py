@@ -60,8 +60,8 @@ def propose(
     seqs: list[Sequence], drafter: Drafter, spec: SpeculativeConfig, max_model_len: int
 ) -> None:
     """Sets each eligible decode's `draft_token_ids` (the scheduler may trim them): at most
-    num_speculative_tokens, at most one more than its last verification held, and none past
-    max_tokens or max_model_len (the step's own token comes after them)."""
+    num_speculative_tokens, none past max_tokens or max_model_len (the step's own token comes
+    after them), and for a `paced` drafter at most one more than its last verification held."""
     for seq in seqs:
         seq.draft_token_ids = []
         if seq.num_uncomputed_tokens != 1 or not drafts_allowed(seq):
@@ -70,7 +70,7 @@ def propose(
         if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
         k = min(spec.num_speculative_tokens, room)
-        if seq.num_drafts_wanted is not None:
+        if drafter.paced and seq.num_drafts_wanted is not None:
             k = min(k, seq.num_drafts_wanted)
         if k <= 0:
             continue
