@@ -19,6 +19,7 @@ from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence
 from jinfer.spec_decode.suffix import OutputCache, SuffixDrafter
 from jinfer.spec_decode.suffix_index import SEP, SuffixIndex
+from jinfer.spec_decode.verify import make_drafter, propose
 
 SUFFIX = {"method": "suffix", "num_speculative_tokens": 8}
 
@@ -184,6 +185,17 @@ def test_a_finished_output_drafts_for_the_next_request_of_its_salt():
     own_only = SuffixDrafter(_spec(suffix_decoding_max_cached_requests=0))
     own_only.finish(_seq(agent, [21, 22, 23, 24, 25], salt="a"))
     assert own_only.propose(_seq(again[:3], again[3:], salt="a"), 8) == []
+
+
+def test_the_tree_sets_suffix_drafts_lengths_where_prompt_lookup_is_paced():
+    """After a verification that kept nothing, prompt lookup proposes one draft; suffix
+    decoding drafts what its match and path allow."""
+    for method, want in (("ngram", [8]), ("suffix", [8, 9, 10])):
+        spec = SpeculativeConfig.parse({"method": method, "num_speculative_tokens": 8})
+        seq = _seq([5, 6, 7, 8, 9, 10, 11, 12, 1, 5, 6, 7])
+        seq.num_computed_tokens, seq.num_drafts_wanted = seq.num_tokens - 1, 1
+        propose([seq], make_drafter(spec), spec, max_model_len=64)
+        assert seq.draft_token_ids == want, method
 
 
 # -------------------------------------------------------------------------------- config
