@@ -4,6 +4,8 @@
     python scripts/bench_offline.py --workload uniform                # 32 x 64 in, 64 out
     python scripts/bench_offline.py --model gemma3-270m
     python scripts/bench_offline.py --workload uniform --repeat 3     # medians of 3 rounds
+    python scripts/bench_offline.py --workload code-edit --num-prompts 4 \
+        --speculative-config '{"method": "ngram", "num_speculative_tokens": 8}'
     python scripts/bench_offline.py --random-shape llama3-1b --tokenizer DIR   # GPU, random weights
 
 One seeded workload (token-id prompts, fixed output lengths, ignore_eos, greedy) is run by every
@@ -36,6 +38,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -103,9 +106,33 @@ def make_workload(kind: str, num_prompts: int, vocab: int, seed: int = 0) -> Wor
         p_lens = np.full(num_prompts, 64)
         o_lens = np.full(num_prompts, 64)
     else:
-        raise ValueError(f"unknown workload {kind!r} (mixed, uniform)")
+        raise ValueError(f"unknown workload {kind!r} (mixed, uniform, code-edit)")
     prompts = [rng.integers(100, vocab, n).tolist() for n in p_lens]
     return Work(prompts, [int(n) for n in o_lens])
+
+
+def make_code_edit(tokenizer, num_prompts: int) -> Work:
+    """`code-edit`: a source file of this repository (300..1500 tokens, in path order) in a
+    chat prompt, the model asked for the whole file back with one name changed; each output as
+    long as its file. Output that repeats its prompt, as coding agents' edits do: what
+    speculative decoding (--speculative-config) drafts from."""
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for path in sorted((root / "jinfer").rglob("*.py")):
+        source = path.read_text()
+        n = len(tokenizer.encode(source))
+        if 300 <= n <= 1500:
+            files.append((source, n))
+    prompts, lens = [], []
+    for i in range(num_prompts):
+        source, n = files[i % len(files)]
+        ask = "Rename the first function in this file to `run` and output the whole file."
+        chat = [{"role": "user", "content": f"{ask}\n\n```python\n{source}```"}]
+        prompts.append(
+            tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        )
+        lens.append(n)
+    return Work(prompts, lens)
 
 
 # ------------------------------------------------------------------------------ ceilings
@@ -335,8 +362,9 @@ def main() -> None:
     ap.add_argument("--model", default=named_models.DEFAULT_MODEL)
     ap.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights")
     ap.add_argument("--tokenizer", help="tokenizer (GGUF or HF dir) for --random-shape")
-    ap.add_argument("--workload", default="mixed", choices=["mixed", "uniform"])
-    ap.add_argument("--num-prompts", type=int, help="default: 64 mixed, 32 uniform")
+    ap.add_argument("--workload", default="mixed", choices=["mixed", "uniform", "code-edit"])
+    ap.add_argument("--num-prompts", type=int, help="default: 64 mixed, 32 uniform, 8 code-edit")
+    ap.add_argument("--speculative-config", help="jinfer's, as the server's flag (JSON)")
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU/TPU")
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -383,6 +411,7 @@ def main() -> None:
         compile_unit=args.compile_unit,
         kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=False,  # unique prompts; the prefill probe reruns one length
+        speculative_config=args.speculative_config,
     )
     path = None
     if args.random_shape:
@@ -399,10 +428,13 @@ def main() -> None:
         name = args.model
         llm = LLM(args.model, **options)
     vocab = cfg.vocab_size
-    num = args.num_prompts or (64 if args.workload == "mixed" else 32)
+    num = args.num_prompts or {"mixed": 64, "uniform": 32, "code-edit": 8}[args.workload]
     if args.small:
         num, args.prefill_len, args.llamacpp_prompts = 8, 128, 2
-    work = make_workload(args.workload, num, vocab)
+    if args.workload == "code-edit":
+        work = make_code_edit(llm.get_tokenizer(), num)
+    else:
+        work = make_workload(args.workload, num, vocab)
     if args.small:
         work.output_lens = [min(n, 16) for n in work.output_lens]
     prefill_prompt = np.random.default_rng(1).integers(100, vocab, args.prefill_len).tolist()
@@ -455,6 +487,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             row = dict(bench="offline", model=name, workload=args.workload, dtype=dtype_name,
+                       speculative_config=args.speculative_config,
                        device=jax.devices()[0].device_kind, **ceilings, **floors,
                        results=results)  # fmt: skip
             f.write(json.dumps(row) + "\n")
