@@ -106,7 +106,7 @@ def make_workload(kind: str, num_prompts: int, vocab: int, seed: int = 0) -> Wor
         p_lens = np.full(num_prompts, 64)
         o_lens = np.full(num_prompts, 64)
     else:
-        raise ValueError(f"unknown workload {kind!r} (mixed, uniform, code-edit)")
+        raise ValueError(f"unknown workload {kind!r} (mixed, uniform)")
     prompts = [rng.integers(100, vocab, n).tolist() for n in p_lens]
     return Work(prompts, [int(n) for n in o_lens])
 

@@ -90,6 +90,7 @@ def _check(key: str, value: Any) -> None:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {value!r}")
         return
     number = isinstance(value, int | float) and not isinstance(value, bool)
+    integer = number and isinstance(value, int)
     if key == "suffix_decoding_min_token_prob":
         if not number or not 0 <= value <= 1:
             raise ValueError(f"{key} must be a probability in [0, 1], got {value!r}")
@@ -97,7 +98,7 @@ def _check(key: str, value: Any) -> None:
         if not number or value <= 0:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
     elif key == "suffix_decoding_max_cached_requests":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not integer or value < 0:
             raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
-    elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    elif not integer or value < 1:
         raise ValueError(f"{key} must be a positive integer, got {value!r}")

@@ -87,10 +87,7 @@ class OutputCache:
         tenant = self._tenants.get(salt)
         if tenant is None:
             return [], 0.0
-        m, ends = tenant.index.match(pattern, max_len)
-        if not m:
-            return [], 0.0
-        drafts, score, ends = tenant.index.walk(ends, limit(m), min_prob)
+        drafts, score, ends = tenant.index.draft(pattern, max_len, limit, min_prob)
         if drafts:
             docs = np.searchsorted(tenant.starts, ends, side="right") - 1
             for doc in np.unique(docs).tolist():
@@ -153,10 +150,7 @@ class SuffixDrafter:
         def limit(m: int) -> int:
             return min(k, int(m * self.factor))
 
-        drafts, score = [], 0.0
-        m, ends = own.match(pattern, self.depth)
-        if m:
-            drafts, score, _ = own.walk(ends, limit(m), self.min_prob)
+        drafts, score, _ = own.draft(pattern, self.depth, limit, self.min_prob)
         theirs, their_score = self.outputs.lookup(
             seq.params.cache_salt, pattern, self.depth, limit, self.min_prob
         )

@@ -23,6 +23,7 @@ Memory: 8 bytes per token (the text, int32, and its entry in a position list, in
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 
 import numpy as np
 
@@ -95,6 +96,16 @@ class SuffixIndex:
             ends = ends[ok]
             m += 1
         return m, ends
+
+    def draft(
+        self, pattern: np.ndarray, max_len: int, limit: Callable[[int], int], min_prob: float
+    ) -> tuple[list[int], float, np.ndarray]:
+        """`match` then `walk`: up to limit(m) tokens after the deepest match (m tokens) of
+        `pattern`, their score and the occurrences they came from; ([], 0.0, []) if none."""
+        m, ends = self.match(pattern, max_len)
+        if not m:
+            return [], 0.0, ends
+        return self.walk(ends, limit(m), min_prob)
 
     def walk(
         self, ends: np.ndarray, k: int, min_prob: float
