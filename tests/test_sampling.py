@@ -156,7 +156,7 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
     # A flat-ish distribution: nucleus and k both exceed 2 candidates, forcing the bisection.
     import jax.numpy as jnp
 
-    from jinfer.sample.sampler import _top_k_top_p_threshold
+    from jinfer.sample.filtering import top_k_top_p_threshold
 
     rng = np.random.default_rng(top_k)
     scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))
@@ -165,7 +165,7 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
     batch = SamplingBatch.from_sequences(seqs, 3, history_len=8)
     kept = {}
     for c in (1000, 2):
-        th = _top_k_top_p_threshold(scaled, weights, batch, candidates=c)
+        th = top_k_top_p_threshold(scaled, weights, batch, candidates=c)
         kept[c] = np.asarray(scaled >= th)
     np.testing.assert_array_equal(kept[2], kept[1000])
     # The reference, as vLLM and transformers filter: sort, keep the top k, renormalize, keep the
