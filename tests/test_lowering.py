@@ -21,11 +21,7 @@ def test_accelerator_step_programs_leave_no_decision_to_the_device(arch, platfor
     assert sum("top_p" in name for name in lowered) >= 2  # every variant is there
     for name, program in lowered.items():
         flow = control_flow(program)
-        # The branches left: a batch with top-p (or a top-k beyond the sampler's candidates)
-        # whose answer is not among the candidates takes an exact search (sample/sampler.py),
-        # one for top-k and one for top-p, decided on the device.
-        allowed = 2 if "top_p" in name else 0
-        assert flow.cases <= allowed and flow.ifs == 0 and flow.dynamic_loops == 0, (name, flow)
+        assert flow.cases == flow.ifs == flow.dynamic_loops == 0, (name, flow)
 
 
 def test_the_count_sees_what_cpu_programs_decide_on_the_device():

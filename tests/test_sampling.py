@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jinfer.sample.metadata import SamplingBatch
+from jinfer.sample.metadata import SamplerVariant, SamplingBatch
 from jinfer.sample.sampler import argmax, sample
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence
@@ -168,6 +170,10 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
         th = top_k_top_p_threshold(scaled, weights, batch, candidates=c)
         kept[c] = np.asarray(scaled >= th)
     np.testing.assert_array_equal(kept[2], kept[1000])
+    # An accelerator's "top_p" variant: the radix search for every row, no candidates.
+    radix = dataclasses.replace(batch, variant=SamplerVariant(penalties=False, filtering="top_p"))
+    th = top_k_top_p_threshold(scaled, weights, radix)
+    np.testing.assert_array_equal(np.asarray(scaled >= th), kept[1000])
     # The reference, as vLLM and transformers filter: sort, keep the top k, renormalize, keep the
     # smallest prefix of them reaching top_p.
     order = np.sort(np.asarray(scaled), axis=-1)[:, ::-1][:, : top_k or 1000]
@@ -256,3 +262,37 @@ def test_top_p_applies_to_what_top_k_keeps():
         tokens, _ = _sample(logits, [_seq(params, seed)])
         seen.add(int(tokens[0]))
     assert seen == {0}
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["count", "mass"])
+def test_radix_search_finds_the_largest_value_reaching_the_target(weighted):
+    """Against a brute force over each row's own values: ties, negative and zero values (-0.0
+    too), -inf, a floor above some values, a target nothing reaches."""
+    import jax.numpy as jnp
+
+    from jinfer.sample.filtering import radix_search
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 300)) * 4).astype(np.float32)
+    x[0, :100] = 1.5  # ties at the answer
+    x[1, :50] = -np.inf
+    x[2, ::3] = 0.0
+    x[2, 1::3] = -0.0
+    x[3] = np.round(x[3])  # few distinct values
+    w = np.exp(x - x.max(-1, keepdims=True)) if weighted else np.ones_like(x)
+    total = w.sum(-1)
+    target = np.array([0.3, 0.9, 0.5, 0.7, 0.99, 2.0])[:, None] * total[:, None]
+    if not weighted:
+        target = np.round(target / total[:, None] * 120)
+    floor = np.array([-50.0, -50.0, -1.0, -2.0, 0.5, -50.0], np.float32)[:, None]
+    got = radix_search(
+        jnp.asarray(x),
+        jnp.asarray(w) if weighted else None,
+        jnp.asarray(target, jnp.float32),
+        jnp.asarray(floor),
+    )
+    for r in range(len(x)):
+        values = sorted({float(v) for v in x[r] if v >= floor[r, 0]}, reverse=True)
+        reach = [v for v in values if w[r][x[r] >= v].sum() >= np.float32(target[r, 0])]
+        want = reach[0] if reach else floor[r, 0]
+        assert got[r, 0] == want, (r, float(got[r, 0]), want)

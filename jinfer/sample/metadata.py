@@ -34,7 +34,7 @@ class SamplerVariant:
     penalties: bool  # some row has repetition, presence or frequency penalties
     # "none"; "top_k": every filtering row has a top-k within CANDIDATES (and maybe a top-p,
     # which applies within its top-k); "top_p": the others, which may need an exact search
-    # beyond the candidates (decided on the device)
+    # beyond the candidates (its program runs one for every row: `sample/filtering.py`)
     filtering: str
 
 

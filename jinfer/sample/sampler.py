@@ -5,9 +5,8 @@ threshold, top-N logprobs) run only for batches that use them, and no setting ev
 compile. Which parts a batch uses is decided on the host on accelerators (`SamplerVariant`: one
 program per variant, none of them branching on the batch, since a conditional there makes the
 device wait for the host), and on the device on CPU (one program, `lax.cond`s: they cost the
-host nothing). Nothing sorts the vocabulary: top-k/top-p read the best CANDIDATES tokens and
-fall back to an exact bisection when the answer lies beyond (a batch whose filters are all top-ks
-within the candidates never does; others decide that on the device: the branches left).
+host nothing). Nothing sorts the vocabulary: top-k/top-p are one threshold per row, read from
+the best CANDIDATES tokens or searched exactly beyond them (`sample/filtering.py`).
 
 A sampled row draws one uniform number from the request's own seed folded with its output index
 (so a seeded request draws the same tokens whatever else shares the batch) and inverts the
