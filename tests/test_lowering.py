@@ -31,4 +31,4 @@ def test_the_count_sees_what_cpu_programs_decide_on_the_device():
     flows = {name: control_flow(p) for name, p in runner.lower("cpu").items()}
     assert any(f.cases >= 4 for name, f in flows.items() if "sampler" in name)
     assert any(f.dynamic_loops > 0 for name, f in flows.items() if "layer" in name)
-    assert any(f.static_loops > 0 for f in flows.values())  # the sampler's bisection
+    assert any(f.static_loops > 0 for f in flows.values())  # e.g. the sampler's random draws

@@ -296,3 +296,21 @@ def test_radix_search_finds_the_largest_value_reaching_the_target(weighted):
         reach = [v for v in values if w[r][x[r] >= v].sum() >= np.float32(target[r, 0])]
         want = reach[0] if reach else floor[r, 0]
         assert got[r, 0] == want, (r, float(got[r, 0]), want)
+
+
+@pytest.mark.parametrize("c", [1, 5, 40, 128])
+def test_best_values_are_top_ks_values(c):
+    """The two-stage read (block maxima, then the best blocks) gives lax.top_k's values: ties
+    across and within blocks, -inf, a vocabulary that is no whole number of blocks."""
+    import jax
+
+    from jinfer.sample.filtering import best_values
+
+    rng = np.random.default_rng(c)
+    x = rng.standard_normal((5, 3001)).astype(np.float32)
+    x[1, ::7] = 2.5  # many ties at the top
+    x[2, :2990] = -np.inf
+    x[3] = np.round(x[3] * 2)  # few distinct values
+    x[4, -1] = 9.0  # the best token in the last, partial block
+    want = np.asarray(jax.lax.top_k(x, c)[0])
+    np.testing.assert_array_equal(np.asarray(best_values(x, c)), want)

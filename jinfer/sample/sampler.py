@@ -64,7 +64,8 @@ BLOCK = 256  # inverse-CDF sampling: the vocabulary in blocks of this many token
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array, best: jax.Array) -> jax.Array:
-    """The token whose cumulative weight first exceeds u [B] (u in [0, row sum)). [B] i32.
+    """The token whose cumulative weight first exceeds u [B] times the row's sum (u in
+    [0, 1)). [B] i32.
 
     Two levels, so no [B, V] cumulative sum (slow on XLA:CPU): block sums find the block, then
     one block per row is scanned."""
@@ -73,6 +74,7 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array, best: jax.Array) -> jax.Array
     w = jnp.pad(weights, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
     block_sums = jnp.sum(w, axis=-1)  # [B, NB]
     block_cum = jnp.cumsum(block_sums, axis=-1)
+    u = u * block_cum[:, -1]  # (the row's sum, from its blocks: no pass of its own)
     bi = jnp.minimum(jnp.sum(block_cum <= u[:, None], axis=-1), nb - 1)  # [B]
     start = jnp.take_along_axis(block_cum - block_sums, bi[:, None], axis=-1)  # [B, 1]
     inner = jnp.take_along_axis(w, bi[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
@@ -94,7 +96,9 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
     """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B]."""
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = x / temp
-    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # [B, V], max 1
+    # max(x / t) is max(x) / t exactly (division rounds monotonically), and argmax has max(x)
+    hi = jnp.max(x, axis=-1, keepdims=True) / temp
+    weights = jnp.exp(scaled - hi)  # [B, V], max 1
     needs_threshold = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
     filtering = None if s.variant is None else s.variant.filtering != "none"
     threshold = branch(
@@ -109,8 +113,7 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
     # min-p: relative to the best token's probability, i.e. to its weight of 1.
     drop = (scaled < threshold) | (weights < s.min_p[:, None])
     weights = jnp.where(drop, 0.0, weights)
-    u = jax.vmap(_uniform)(s.seed_lo, s.seed_hi, s.counter) * jnp.sum(weights, axis=-1)
-    return _inverse_cdf(weights, u, greedy)
+    return _inverse_cdf(weights, jax.vmap(_uniform)(s.seed_lo, s.seed_hi, s.counter), greedy)
 
 
 def argmax(x: jax.Array) -> jax.Array:
