@@ -281,9 +281,9 @@ def run_llamacpp(path: str, work: Work, num_prompts: int, prefill_prompt: list[i
     n_ctx = max(len(p) + o for p, o in zip(work.prompts, work.output_lens, strict=True))
     n_ctx = max(n_ctx, len(prefill_prompt)) + 8
     llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
-    sub = Work(work.prompts[:num_prompts], work.output_lens[:num_prompts])
+    prompts, output_lens = work.prompts[:num_prompts], work.output_lens[:num_prompts]
     t0 = time.perf_counter()
-    for prompt, n in zip(sub.prompts, sub.output_lens, strict=True):
+    for prompt, n in zip(prompts, output_lens, strict=True):
         for i, _ in enumerate(llm.generate(prompt, top_k=1, reset=True)):
             if i + 1 == n:
                 break
@@ -295,7 +295,7 @@ def run_llamacpp(path: str, work: Work, num_prompts: int, prefill_prompt: list[i
     llm.eval(prefill_prompt)
     prefill = time.perf_counter() - t1
     return {
-        "output_tok_s": sub.num_output_tokens / wall,
+        "output_tok_s": sum(output_lens) / wall,
         "wall_s": wall,
         "prefill_tok_s": len(prefill_prompt) / prefill,
         "prompts": num_prompts,
