@@ -3,6 +3,13 @@
     python scripts/bench_step.py --shape llama3-1b --dtype bfloat16 --batch 1 8 64 --context 1024
     python scripts/bench_step.py --shape llama3-8b --attention-backend xla pallas --json out.jsonl
     python scripts/bench_step.py --small      # CPU smoke run (pallas = the kernels interpreted)
+    python scripts/bench_step.py --shape llama3-8b --batch 1 64 --engine --tokenizer DIR
+
+`--engine` also runs the decode step in a running engine (`LLM.from_params` on the same random
+weights, `batch` greedy requests at `context` tokens, async scheduling: its scheduling, inputs,
+sampling and output processing included) and reports its wall time per step against the bare
+jitted step with the engine's attention backend and against the floor; the vocabulary is the
+tokenizer's (the engine detokenizes what it samples).
 
 Needs no model files (weights are drawn on the device), so it runs on a GPU machine where the
 real models do not travel. The floor is (weight bytes + KV bytes read) / measured copy bandwidth;
@@ -132,6 +139,47 @@ def bench(
     return (time.perf_counter() - t0) / n
 
 
+def engine_step(
+    cfg: ModelConfig, params, tokenizer, dtype_name: str, batch: int, context: int, steps: int
+) -> tuple[float, str, int]:
+    """Wall seconds per decode step of a running engine at `batch` requests of `context` tokens
+    (after their prefill and `steps` decode steps to settle), its attention backend, and the
+    programs it compiled while timed (0: every step ran a program built before)."""
+    from jinfer import LLM, SamplingParams
+
+    kv_per_token = (
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype_name).itemsize
+    )
+    max_len = context + 4 * steps
+    llm = LLM.from_params(
+        cfg,
+        params,
+        tokenizer,
+        dtype=dtype_name,
+        max_num_seqs=batch,
+        max_model_len=max_len,
+        kv_cache_memory_gb=1.25 * batch * max_len * kv_per_token / 1e9 + 0.01,
+        enable_prefix_caching=False,
+        warmup=False,  # the programs this run uses compile as it reaches them, before timing
+    )
+    engine = llm.engine
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(temperature=0, max_tokens=3 * steps, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", rng.integers(100, cfg.vocab_size - 1, context).tolist(), greedy)
+    while engine.stats.num_generated_tokens < batch:  # the prefill
+        engine.step(finished_only=True)
+    for _ in range(steps):
+        engine.step(finished_only=True)
+    compiles = engine.num_compiles
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step(finished_only=True)
+    sec = (time.perf_counter() - t0) / steps
+    assert engine.num_running() == batch, "every request decodes through the timed steps"
+    return sec, engine.config.attention_backend, engine.num_compiles - compiles
+
+
 def matmul_only(cfg: ModelConfig, params, batch: int) -> float:
     """Seconds per call of just the step's weight matmuls (every projection of every layer and
     the LM head, chained through x as in the model): what XLA's GEMMs make of the weight read."""
@@ -156,6 +204,32 @@ def matmul_only(cfg: ModelConfig, params, batch: int) -> float:
     return (time.perf_counter() - t0) / 10
 
 
+def engine_row(args, cfg, params, tokenizer, dtype, batch: int, ctx: int, bw: float) -> dict:
+    """The engine's decode step beside the bare step (the engine's backend) and the floor."""
+    sec, backend, compiles = engine_step(
+        cfg, params, tokenizer, dtype.name, batch, ctx, args.engine_steps
+    )
+    bare = bench(cfg, params, dtype, batch, ctx, get_backend(backend).default_page_size, backend)
+    kv_bytes = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    read = weights_read(cfg, batch, dtype.itemsize)
+    floor = (read + kv_bytes) / bw
+    return dict(
+        bench="engine_step",
+        shape=args.shape,
+        device=jax.devices()[0].device_kind,
+        attention=backend,
+        batch=batch,
+        context=ctx,
+        vocab=cfg.vocab_size,
+        engine_ms=round(sec * 1e3, 3),
+        step_ms=round(bare * 1e3, 3),
+        floor_ms=round(floor * 1e3, 3),
+        ratio=round(sec / floor, 2),
+        of_bare=round(sec / bare, 2),
+        compiles_while_timed=compiles,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-1b", choices=sorted(SHAPES))
@@ -167,6 +241,9 @@ def main() -> None:
     ap.add_argument("--copy-bytes", type=int, default=1 << 30)
     ap.add_argument("--matmul-only", action="store_true", help="also time the bare matmuls")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU smoke run")
+    ap.add_argument("--engine", action="store_true", help="also the step in a running engine")
+    ap.add_argument("--tokenizer", help="with --engine: a GGUF file or HF dir (its vocabulary)")
+    ap.add_argument("--engine-steps", type=int, default=32, help="decode steps timed")
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
     args = ap.parse_args()
     if args.small:
@@ -176,6 +253,14 @@ def main() -> None:
     shape = dict(SHAPES[args.shape])
     if args.small:
         shape["num_layers"] = 2
+    tokenizer = None
+    if args.engine:
+        from jinfer.tokenizer.tokenizer import load_tokenizer
+
+        if not args.tokenizer:
+            ap.error("--engine needs --tokenizer (the engine detokenizes its samples)")
+        tokenizer = load_tokenizer(args.tokenizer)
+        shape["vocab_size"] = tokenizer.vocab_size
     cfg = ModelConfig(arch="llama", **shape)
     params = init_params(cfg, dtype=dtype, on_device=True)
     bw = copy_bandwidth(args.copy_bytes)
@@ -230,6 +315,12 @@ def main() -> None:
                 if args.json:  # appended at once: a timed-out stage keeps what it measured
                     with open(args.json, "a") as f:
                         f.write(json.dumps(rows[-1]) + "\n")
+            if args.engine:
+                row = engine_row(args, cfg, params, tokenizer, dtype, b, ctx, bw)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
