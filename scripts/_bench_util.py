@@ -6,6 +6,11 @@ Scripts run as `python scripts/NAME.py`, so `scripts/` is on the path and they i
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,3 +96,54 @@ def decode_rate(llm: Any, batch: int, prompt_len: int, steps: int) -> float:
         eng.step()
     elapsed = time.perf_counter() - t0
     return (eng.stats.num_generated_tokens - start) / elapsed
+
+
+# Lines of a trace's device process that span other lines' events (a module from its first
+# kernel to its last, gaps included): not the device's own busy time.
+SPANNING_LINES = ("XLA Modules", "Steps")
+
+
+def device_busy_seconds(trace_path: str) -> float | None:
+    """Seconds the device was busy in a Perfetto trace written by `jax.profiler.trace`: the
+    union of the intervals on its device processes (`/device:GPU:0`, `/device:TPU:0`: kernels
+    and copies, as the device timed them), None when the trace has none (XLA:CPU runs its
+    programs on the host's threads)."""
+    with gzip.open(trace_path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes, lines = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            lines[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    if not devices:
+        return None
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("pid") in devices
+        and not lines.get((e["pid"], e.get("tid")), "").startswith(SPANNING_LINES)
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:  # the union: overlapping streams count once
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e6  # (trace times are microseconds)
+
+
+def device_busy_share(run: Callable[[], Any]) -> tuple[float | None, float]:
+    """`run()` under JAX's profiler: the share of its wall time the device was busy (from the
+    device's own timings, `device_busy_seconds`; None on CPU) and the wall seconds. Tracing
+    costs the host some time, so the share is, if anything, low."""
+    with tempfile.TemporaryDirectory() as out:
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            run()
+            wall = time.perf_counter() - t0
+        paths = glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True)
+        busy = device_busy_seconds(paths[0]) if paths else None
+    return (None if busy is None else busy / wall), wall

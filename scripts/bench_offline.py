@@ -22,7 +22,9 @@ compute roofline (GEMM rate / FLOPs per token) and the single-stream bandwidth f
 / read rate), against which jinfer's single-stream decode is measured. jinfer's share of the
 roofline is printed twice: in output tokens, and in every token it ran (prompt + output), each
 of which costs the FLOPs the roofline counts. Prints one markdown table; --json writes every
-number.
+number. `--device-trace` runs jinfer's workload once more under JAX's profiler and prints the
+device's busy share of that wall time from the device's own kernel and copy timings (GPU/TPU:
+the honest measure of an overlapped loop; the host's blocked time is not).
 
 This machine's speed drifts by tens of percent between minutes, so one run of each engine can
 put either ahead. `--repeat N` runs the engines in N interleaved rounds (jinfer, transformers,
@@ -43,7 +45,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _bench_util import copy_bandwidth, decode_rate, gemm_rate, prefill_rate, read_bandwidth
+from _bench_util import (
+    copy_bandwidth,
+    decode_rate,
+    device_busy_share,
+    gemm_rate,
+    prefill_rate,
+    read_bandwidth,
+)
 from _offline_peers import load_hf, run_hf, run_llamacpp
 
 from jinfer import LLM, SamplingParams
@@ -166,17 +175,22 @@ def model_floors(cfg: ModelConfig, itemsize: int, work: Work, ceilings: dict) ->
 
 
 # ------------------------------------------------------------------------------ engines
-def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
+def generate_workload(llm: LLM, work: Work) -> list:
+    """jinfer's outputs for the workload: greedy, every output its length."""
     params = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens
     ]
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def run_jinfer(llm: LLM, work: Work, prefill_prompt: list[int]) -> dict:
     stats = llm.engine.stats
     step0, dev0 = stats.step_time, stats.device_time
     by_bucket0 = {key: list(tally) for key, tally in stats.steps_by_bucket.items()}
     compiles0 = llm.engine.num_compiles
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = generate_workload(llm, work)
     wall = time.perf_counter() - t0
     steps = {  # this workload's steps only, by (bucket, kind): [steps, seconds, tokens]
         key: [a - b for a, b in zip(tally, by_bucket0.get(key, [0, 0.0, 0]), strict=True)]
@@ -303,6 +317,12 @@ def main() -> None:
     )
     ap.add_argument("--small", action="store_true", help="a quick smoke run (8 prompts, short)")
     ap.add_argument("--steps", action="store_true", help="jinfer's step time by bucket")
+    ap.add_argument(
+        "--device-trace",
+        action="store_true",
+        help="run jinfer once more under JAX's profiler: the device's busy share of the wall "
+        "time, from the device's own timings (GPU/TPU)",
+    )
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
     if args.repeat < 1:
@@ -395,6 +415,15 @@ def main() -> None:
     print_table(name, results, floors, ceilings, work)
     if args.steps:
         print_steps(step_rounds)
+    if args.device_trace:
+        busy, wall = device_busy_share(lambda: generate_workload(llm, work))
+        results["jinfer"]["device_busy"] = busy
+        shown = "-" if busy is None else f"{busy:.1%}"
+        print(
+            f"\njinfer device busy: {shown} of {wall:.2f} s wall (the workload once more, traced "
+            "by the profiler; the device's own kernel and copy times"
+            + (", none on CPU: XLA:CPU runs on the host's threads)" if busy is None else ")")
+        )
     if args.json:
         with open(args.json, "a") as f:
             row = dict(bench="offline", model=name, workload=args.workload, dtype=dtype_name,
