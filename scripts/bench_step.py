@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -227,6 +228,7 @@ def engine_row(args, cfg, params, tokenizer, dtype, batch: int, ctx: int, bw: fl
         ratio=round(sec / floor, 2),
         of_bare=round(sec / bare, 2),
         compiles_while_timed=compiles,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),  # e.g. command buffers (CUDA graphs) off
     )
 
 

@@ -13,6 +13,8 @@
 #   attention the decode-attention microbenchmark (GB/s vs a measured copy)
 #   step8b    the decode step of a random Llama-3-8B shape, XLA vs Pallas attention
 #   moe       a Qwen3-30B-A3B-shaped mixture of experts: grouped products and the decode step
+#   cmdbuf    the 1B engine step at batch 64 with XLA's command buffers (CUDA graphs) off, and
+#             with custom calls (the Pallas kernels) in them too: which launch path to keep
 #
 # Usage (repo root):  bash scripts/gpu_check.sh [OUT_DIR]     # on the GPU machine, every stage
 #                     STAGES="tests engine offline" bash scripts/gpu_check.sh   # some stages
@@ -148,6 +150,21 @@ PYEOF
         --expert-width 768 --rows 1 64 512 --rounds 3 | tail -6
       timeout 120 $PY scripts/bench_step.py --shape qwen3-30b-a3b --batch 1 64 --context 4096 \
         --json "$OUT/step.jsonl"
+    fi
+  fi
+  if want cmdbuf; then
+    stage "cmdbuf: the 1B engine step with XLA's command buffers off, then with custom calls in"
+    if [[ $DRY == 1 ]]; then
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 300 $PY scripts/bench_step.py --small \
+        --attention-backend xla --engine --tokenizer "$TOK" --engine-steps 4 \
+        --json "$OUT/step.jsonl" | tail -1
+    else
+      for flags in "--xla_gpu_enable_command_buffer=" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"; do
+        XLA_FLAGS="$flags" timeout 90 $PY scripts/bench_step.py --shape llama3-1b --batch 64 \
+          --context 1024 --attention-backend pallas --engine --tokenizer "$TOK" \
+          --json "$OUT/step.jsonl"
+      done
     fi
   fi
   stage "results"
