@@ -110,6 +110,23 @@ def weights_read(cfg: ModelConfig, batch: int, itemsize: int) -> float:
     return (cfg.num_params() - sparse * (e - used) * expert) * itemsize
 
 
+def read_floor(cfg: ModelConfig, batch: int, context: int, itemsize: int, bw: float):
+    """Seconds a decode step of `batch` requests at `context` tokens needs to read its weights
+    and KV once at `bw` bytes/s, and the weight bytes among them."""
+    kv_bytes = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    read = weights_read(cfg, batch, itemsize)  # (a mixture: the experts used)
+    return (read + kv_bytes) / bw, read
+
+
+def emit(row: dict, path: str | None) -> None:
+    """Prints a row, and appends it at once to `path` (a stage cut short keeps what it
+    measured)."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 # The whole step as one jitted program, inputs already on the device (no packing).
 _forward = jax.jit(decoder.forward, static_argnums=(1,), donate_argnums=(4,))
 
@@ -211,9 +228,7 @@ def engine_row(args, cfg, params, tokenizer, dtype, batch: int, ctx: int, bw: fl
         cfg, params, tokenizer, dtype.name, batch, ctx, args.engine_steps
     )
     bare = bench(cfg, params, dtype, batch, ctx, get_backend(backend).default_page_size, backend)
-    kv_bytes = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-    read = weights_read(cfg, batch, dtype.itemsize)
-    floor = (read + kv_bytes) / bw
+    floor, _ = read_floor(cfg, batch, ctx, dtype.itemsize, bw)
     return dict(
         bench="engine_step",
         shape=args.shape,
@@ -268,24 +283,20 @@ def main() -> None:
     bw = copy_bandwidth(args.copy_bytes)
     weight_bytes = cfg.num_params() * dtype.itemsize
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB", flush=True)
-    rows = []
     if args.matmul_only and cfg.num_experts:
         print("(--matmul-only: dense shapes only; a mixture's floor counts the experts read)")
     elif args.matmul_only:
         for b in args.batch:
             sec = matmul_only(cfg, params, b)
             floor = weight_bytes / bw
-            rows.append(
+            emit(
                 dict(bench="step", shape=args.shape, device=jax.devices()[0].device_kind,
                      attention="none (matmuls only)", batch=b, context=0,
                      step_ms=round(sec * 1e3, 3), floor_ms=round(floor * 1e3, 3),
                      weight_floor_ms=round(floor * 1e3, 3), ratio=round(sec / floor, 2),
-                     tok_s=round(b / sec, 1))
+                     tok_s=round(b / sec, 1)),
+                args.json,
             )  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
     for ctx in args.context:
         for b in args.batch:
             for backend in args.attention_backend:
@@ -295,10 +306,8 @@ def main() -> None:
                 except Exception as e:  # report and go on to the next configuration
                     print(f"FAILED {backend} b{b} ctx{ctx}: {type(e).__name__}: {e}"[:600])
                     continue
-                kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.head_dim
-                read = weights_read(cfg, b, dtype.itemsize)  # (a mixture: the experts used)
-                floor = (read + kv_bytes * dtype.itemsize) / bw
-                rows.append(
+                floor, read = read_floor(cfg, b, ctx, dtype.itemsize, bw)
+                emit(
                     dict(
                         bench="step",
                         shape=args.shape,
@@ -311,18 +320,11 @@ def main() -> None:
                         weight_floor_ms=round(read / bw * 1e3, 3),
                         ratio=round(step / floor, 2),
                         tok_s=round(b / step, 1),
-                    )
+                    ),
+                    args.json,
                 )
-                print(json.dumps(rows[-1]), flush=True)
-                if args.json:  # appended at once: a timed-out stage keeps what it measured
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(rows[-1]) + "\n")
             if args.engine:
-                row = engine_row(args, cfg, params, tokenizer, dtype, b, ctx, bw)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                emit(engine_row(args, cfg, params, tokenizer, dtype, b, ctx, bw), args.json)
 
 
 if __name__ == "__main__":
