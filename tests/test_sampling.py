@@ -268,6 +268,7 @@ def test_top_p_applies_to_what_top_k_keeps():
 def test_radix_search_finds_the_largest_value_reaching_the_target(weighted):
     """Against a brute force over each row's own values: ties, negative and zero values (-0.0
     too), -inf, a floor above some values, a target nothing reaches."""
+    import jax
     import jax.numpy as jnp
 
     from jinfer.sample.filtering import radix_search
@@ -285,7 +286,7 @@ def test_radix_search_finds_the_largest_value_reaching_the_target(weighted):
     if not weighted:
         target = np.round(target / total[:, None] * 120)
     floor = np.array([-50.0, -50.0, -1.0, -2.0, 0.5, -50.0], np.float32)[:, None]
-    got = radix_search(
+    got = jax.jit(radix_search)(
         jnp.asarray(x),
         jnp.asarray(w) if weighted else None,
         jnp.asarray(target, jnp.float32),

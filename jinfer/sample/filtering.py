@@ -130,7 +130,7 @@ RADIX_BITS = 4  # a radix search settles this many bits of the answer per pass
 
 def _order_key(x: jax.Array) -> jax.Array:
     """float32 -> int32 that orders as the floats do (-0.0 taken as +0.0)."""
-    i = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)
+    i = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
     return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
 
 
