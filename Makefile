@@ -26,10 +26,10 @@ generate: install
 	$(VPY) scripts/generate.py --model $(MODEL) --chat "$(PROMPT)"
 
 test: install
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest
 
 test-fast: install
-	$(VPY) -m pytest -q -m "not slow"
+	$(VPY) -m pytest -m "not slow"
 
 # What a GPU machine needs but cannot fetch (carry .gpu; see scripts/gpu_check.sh).
 gpu-kit: install
