@@ -162,17 +162,18 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
 
     rng = np.random.default_rng(top_k)
     scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))
-    weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))
+    hi = scaled.max(-1, keepdims=True)
+    weights = jnp.exp(scaled - hi)
     seqs = [_seq(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))] * 3
     batch = SamplingBatch.from_sequences(seqs, 3, history_len=8)
     kept = {}
     for c in (1000, 2):
-        th = top_k_top_p_threshold(scaled, weights, batch, candidates=c)
+        th = top_k_top_p_threshold(scaled, weights, hi, batch, candidates=c)
         kept[c] = np.asarray(scaled >= th)
     np.testing.assert_array_equal(kept[2], kept[1000])
     # An accelerator's "top_p" variant: the radix search for every row, no candidates.
     radix = dataclasses.replace(batch, variant=SamplerVariant(penalties=False, filtering="top_p"))
-    th = top_k_top_p_threshold(scaled, weights, radix)
+    th = top_k_top_p_threshold(scaled, weights, hi, radix)
     np.testing.assert_array_equal(np.asarray(scaled >= th), kept[1000])
     # The reference, as vLLM and transformers filter: sort, keep the top k, renormalize, keep the
     # smallest prefix of them reaching top_p.

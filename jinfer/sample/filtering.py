@@ -33,18 +33,22 @@ def _bisect(lo: jax.Array, hi: jax.Array, ok) -> jax.Array:
 
 
 def top_k_top_p_threshold(
-    scaled: jax.Array, weights: jax.Array, s: SamplingBatch, candidates: int = CANDIDATES
+    scaled: jax.Array,
+    weights: jax.Array,
+    hi: jax.Array,
+    s: SamplingBatch,
+    candidates: int = CANDIDATES,
 ) -> jax.Array:
     """Per-row logit threshold below which tokens are dropped by top-k and top-p. [B, 1].
 
     Top-p applies to what top-k keeps, renormalized (as vLLM and transformers do): the smallest
-    set of the row's top-k whose share of the top-k's mass reaches top_p. `weights` [B, V] =
-    exp(scaled - row max). The answer usually lies among the `candidates` best tokens (a top-k
-    within them holds its nucleus too; without top-k, they often already hold top_p of the
-    mass); rows where it does not are settled exactly over the whole vocabulary -- never a full
-    sort (one sort of 64 x 49k floats takes a second on a CPU): on CPU by bisection, run only
-    when a row needs it (a device conditional); in an accelerator's "top_p" variant by a radix
-    search for every row, with no conditional.
+    set of the row's top-k whose share of the top-k's mass reaches top_p. `hi` [B, 1]: the row
+    max of `scaled`; `weights` [B, V] = exp(scaled - hi). The answer usually lies among the
+    `candidates` best tokens (a top-k within them holds its nucleus too; without top-k, they
+    often already hold top_p of the mass); rows where it does not are settled exactly over the
+    whole vocabulary -- never a full sort (one sort of 64 x 49k floats takes a second on a
+    CPU): on CPU by bisection, run only when a row needs it (a device conditional); in an
+    accelerator's "top_p" variant by a radix search for every row, with no conditional.
     """
     v = scaled.shape[-1]
     filtering = None if s.variant is None else s.variant.filtering
@@ -52,7 +56,6 @@ def top_k_top_p_threshold(
     inside = True if filtering == "top_k" else None  # None: the device decides (CPU)
     top_k_on = (s.top_k > 0)[:, None]  # [B, 1]; a row without top-k keeps every token
     k = jnp.where(top_k_on, jnp.minimum(s.top_k[:, None], v), v)  # [B, 1]
-    hi = jnp.max(scaled, axis=-1, keepdims=True)
 
     def floor():
         # Below hi - 128 a weight is 0 in float32 (and banned tokens sit at -1e30): searching
@@ -64,11 +67,10 @@ def top_k_top_p_threshold(
 
     top_p_on = s.top_p[:, None] < 1.0
     if exact:
-        kth = jnp.where(
-            top_k_on, radix_search(scaled, None, k.astype(jnp.float32), floor()), -jnp.inf
-        )
+        lo = floor()
+        kth = jnp.where(top_k_on, radix_search(scaled, None, k.astype(jnp.float32), lo), -jnp.inf)
         target = s.top_p[:, None] * mass_from(kth)
-        pth = radix_search(scaled, weights, target, jnp.maximum(kth, floor()))
+        pth = radix_search(scaled, weights, target, jnp.maximum(kth, lo))
         return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
 
     c = min(candidates, v)

@@ -108,6 +108,7 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
         lambda y, *_: jnp.full((y.shape[0], 1), -jnp.inf, y.dtype),
         scaled,
         weights,
+        hi,
         s,
     )
     # min-p: relative to the best token's probability, i.e. to its weight of 1.
