@@ -200,6 +200,42 @@ def test_greedy_tokens_equal_speculation_off_through_preemption_and_prefix_hits(
     assert _generate(on, prompts, params) == want  # from the prefix cache this time
 
 
+def _step_through(llm, prompts, params, arrive_at: int):
+    """Steps the engine by hand: the first request at once, the second at step `arrive_at`;
+    each request's final tokens."""
+    engine, done = llm.engine, {}
+    engine.add_request("a", prompts[0]["prompt_token_ids"], params)
+    for i in range(400):
+        if i == arrive_at:
+            engine.add_request("b", prompts[1]["prompt_token_ids"], params)
+        for out in engine.step(finished_only=True):
+            done[out.request_id] = out.outputs[0].token_ids
+        if i >= arrive_at and not engine.has_unfinished_requests():
+            return done
+    raise AssertionError("the requests did not finish")
+
+
+@pytest.mark.parametrize("max_num_seqs", [2, 8])  # the arrival fills the batch / needs a prefill
+def test_a_step_planned_while_drafts_are_verified_waits_for_how_many_held(
+    make_tiny_llm, monkeypatch, max_num_seqs: int
+):
+    """A request arrives while another's drafts are on the device: the next step drafts
+    nothing (no rows left, or a prompt to prefill), yet where the first request's next token
+    goes depends on how many drafts held, so their step lands before the next is planned.
+    Both outputs equal speculation off."""
+    kw = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=160)
+    rng = np.random.default_rng(1)
+    prompts = [{"prompt_token_ids": rng.integers(3, 49152, n).tolist()} for n in (20, 40)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = _step_through(make_tiny_llm(**kw), prompts, params, arrive_at=5)
+    outputs = [[(list(want[r]),)] for r in "ab"]  # (the oracle's shape: `_generate`'s)
+    monkeypatch.setattr(ngram, "propose", _oracle(prompts, outputs, every=2))
+    on = make_tiny_llm(**kw, speculative_config=NGRAM)
+    assert _step_through(on, prompts, params, arrive_at=5) == want
+    assert on.engine.stats.spec_num_accepted_tokens > 0
+    on.engine.check_invariants()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model, spec",

@@ -216,10 +216,14 @@ class Engine:
         # penalties) lands the previous step between its forward pass and its sampling: the
         # host's work overlaps the forward pass, and the sampler sees every token.
         outputs = []
+        if self._in_flight is not None and self._in_flight[0].verifies:
+            # How many drafts hold decides where their request's next token goes: a
+            # verification lands before the next step is planned, whether that step drafts or not.
+            outputs += self._land(finished_only)
         if self.drafter is not None and self.scheduler.draft_rows() > 0:
             # Drafts continue the known tokens: the step in flight lands first (its host work
             # no longer overlaps the device; a verification step makes up for it many times).
-            # A full batch has no rows for drafts: it stays overlapped and drafts nothing.
+            # A full batch, or one with prompts to prefill, drafts nothing and stays overlapped.
             if self._in_flight is not None:
                 outputs += self._land(finished_only)
             verify.propose(

@@ -21,5 +21,11 @@ class StepPlan:
         return sum(n for _, n in self.scheduled)
 
     @property
+    def verifies(self) -> bool:
+        """Whether a request verifies drafts in this step (true until the step's result lands
+        and `spec_decode.verify.accept` clears them)."""
+        return any(seq.draft_token_ids for seq, _ in self.scheduled)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
