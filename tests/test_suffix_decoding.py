@@ -227,7 +227,7 @@ def test_suffix_drafts_as_many_tokens_as_its_tree_is_deep_by_default():
 
 # ----------------------------------------------------------------------------- engine
 def test_greedy_tokens_equal_speculation_off_as_earlier_outputs_draft(make_tiny_llm):
-    """Four requests (one with n = 2) through 12 pages, then the same four again:
+    """Four requests (one with n = 2) through 16 pages, then the same four again:
     the rerun drafts from the first run's outputs and accepts most of them, every output
     equals speculation off, no program compiles after warm-up, no page leaks. Another salt's
     rerun drafts only from its own tokens, as the first run did."""
@@ -249,7 +249,7 @@ def test_greedy_tokens_equal_speculation_off_as_earlier_outputs_draft(make_tiny_
         return got, (counts[0] - before[0], counts[1] - before[1])
 
     # Rows for 8 drafts each (drafts take only rows no request needs: `Scheduler.draft_rows`).
-    kw = dict(max_num_seqs=48, max_num_batched_tokens=64, num_pages=12, max_model_len=160)
+    kw = dict(max_num_seqs=48, max_num_batched_tokens=64, num_pages=16, max_model_len=160)
     want, _ = run(make_tiny_llm(**kw), "a")
     on = make_tiny_llm(**kw, speculative_config=SUFFIX)
     compiles = on.engine.num_compiles

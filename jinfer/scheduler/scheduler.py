@@ -59,8 +59,15 @@ class Scheduler:
 
     # --------------------------------------------------------------- schedule
     def draft_rows(self) -> int:
-        """Sampled rows no request needs this step: speculative drafts may take them."""
-        return self.config.max_num_seqs - len(self.running) - len(self.waiting)
+        """Rows speculative drafts may take this step: those no request needs, and none while a
+        prompt is still to prefill. A step that carries a prefill chunk is compute-bound: each
+        draft there costs what a prompt token costs, takes budget from the chunk and makes the
+        prompt wait a step more, and at a typical acceptance the decodes gain less than that
+        (prompt lookup on the coding-agent workload at 4 sessions: 0.8x with drafts beside the
+        chunks, docs/benchmarks.md). Decode-only steps are bandwidth-bound: drafts ride free."""
+        if self.waiting or any(s.num_uncomputed_tokens > 1 for s in self.running):
+            return 0
+        return self.config.max_num_seqs - len(self.running)
 
     def schedule(self) -> StepPlan:
         # Policy: fill the token budget with running requests first, decodes before prefill
@@ -82,7 +89,7 @@ class Scheduler:
         chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
         # Speculative decoding: a decode with drafts verifies them in the same step, one logits
         # row each. Drafts take only rows and budget no request needs: sampled rows are at most
-        # max_num_seqs, and a busy batch verifies none (it is never slower for them).
+        # max_num_seqs, and a busy batch, or one with prompts to prefill, verifies none.
         spare_rows = self.draft_rows()
         used = 0
         for seq in decodes + chunks:
