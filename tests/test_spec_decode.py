@@ -20,6 +20,7 @@ from jinfer.runner.model_runner import StepResult
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler.sequence import Sequence
 from jinfer.spec_decode import ngram, verify
+from jinfer.spec_decode.budget import DraftBudget, StepCost, choose_drafts
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 
@@ -118,6 +119,88 @@ def test_a_verification_keeps_the_accepted_drafts_and_the_token_after_them(draft
     assert stats.spec_accepted_per_pos == [1] * accepted + [0] * (3 - accepted)
 
 
+# ----------------------------------------------------------------------- draft budget
+def _cost(per_row: float, per_context: float, per_shared: float, buckets=(1, 2, 4, 8, 16)):
+    """The timings a step of `b` rows would give, in ms: 40 + b * per_row, plus per_context
+    per token of each request's context, plus per_shared per token of every further row's."""
+
+    def ms(b: int, context: int, requests: int) -> float:
+        further = (b - requests) * context
+        return (40 + b * per_row + per_context * requests * context + per_shared * further) / 1e3
+
+    timings = {
+        b: {
+            "short": (64, ms(b, 64, b)),
+            "long": (2048, ms(b, 2048, b)),
+            "shared": (2048, ms(b, 2048, 1)),
+        }
+        for b in buckets
+    }
+    return StepCost.fit(timings)
+
+
+def test_step_cost_reads_the_bucket_a_step_runs_in_and_never_falls_with_more_rows():
+    cost = _cost(1.0, 0.01, 0.004)
+    # Three requests and two drafts of the first: a bucket of 8 with three padding rows.
+    want = 40 + 8 * 1.0 + 0.01 * 3000 + 0.004 * (2 * 1000 + 3 * 1000)
+    assert cost.seconds([1000] * 3, [2, 0, 0]) == pytest.approx(want / 1e3)
+    assert cost.seconds([64] * 16, [1] + [0] * 15) == float("inf")  # no bucket holds 17 rows
+    noisy = StepCost.fit(
+        {
+            1: {"short": (64, 0.020), "long": (2048, 0.040), "shared": (2048, 0.040)},
+            2: {"short": (64, 0.018), "long": (2048, 0.030), "shared": (2048, 0.025)},
+        }
+    )
+    assert noisy.seconds([2048, 2048], [0, 0]) >= noisy.seconds([2048], [0])
+
+
+# Costs as measured on SmolLM2 on a 2-core CPU (ms; bench_step.py and a server's steps): rows
+# cost their share of the matmuls and their attention; accelerators' rows cost next to nothing.
+CPU = _cost(1.7, 0.0067, 0.005)
+ACCELERATOR = _cost(0.01, 0.0001, 0.00001)
+
+
+@pytest.mark.parametrize(
+    "contexts, alphas, cost, check",
+    [
+        # Four decodes at coding agents' contexts, drafts holding about half the time (prompt
+        # lookup): on a CPU none pays...
+        ([6800] * 4, [0.46] * 4, CPU, lambda k: k == [0, 0, 0, 0]),
+        # ... drafts that nearly always hold (suffix decoding on repeated answers) do.
+        ([6800] * 4, [0.9] * 4, CPU, lambda k: min(k) >= 1),
+        # Where a row costs next to nothing, the half-holding drafts pay too.
+        ([6800] * 4, [0.46] * 4, ACCELERATOR, lambda k: min(k) >= 1),
+        # A lone stream at a short context whose drafts hold: as many as the bucket allows.
+        ([500], [0.9], CPU, lambda k: k[0] >= 7),
+        # ... and one whose drafts never hold: none.
+        ([500], [0.02], CPU, lambda k: k == [0]),
+        # Two requests, one drafting well: the rows go to it.
+        ([500, 500], [0.9, 0.1], CPU, lambda k: k[0] >= 3 and k[1] <= 1),
+    ],
+    ids=["busy-half", "busy-holding", "cheap-rows", "lone-good", "lone-bad", "to-the-good-one"],
+)
+def test_drafts_are_kept_where_they_raise_tokens_per_second(contexts, alphas, cost, check):
+    kept = choose_drafts(contexts, alphas, [8] * len(contexts), 16 - len(contexts), cost)
+    assert check(kept), kept
+
+
+def test_drafts_fill_rows_the_bucket_would_pad_anyway():
+    """Three decodes run in a bucket of 4: a fourth row costs the same as its padding, so even a
+    draft that rarely holds takes it; a fifth row would take a bucket of 8."""
+    assert sum(choose_drafts([2000] * 3, [0.05] * 3, [8] * 3, 13, CPU)) == 1
+
+
+def test_a_requests_acceptance_starts_at_the_engines_and_follows_its_own():
+    budget = DraftBudget(CPU)
+    a, b = (Sequence(r, [1, 2], SamplingParams(), seed=0, arrival=0) for r in "ab")
+    assert budget.alpha(a) == 0.5  # nothing verified yet
+    for _ in range(5):
+        budget.record(a, 4, 4)  # every draft held
+    assert budget.alpha(a) > 0.9
+    budget.record(b, 4, 0)
+    assert budget.alpha(b) < budget.alpha(Sequence("c", [1], SamplingParams(), 0, 0)) < 1
+
+
 # ----------------------------------------------------------------------------- engine
 def _generate(llm, prompts, params):
     """Each completion's tokens, text, finish reason and logprobs (rounded: a verification row
@@ -198,6 +281,18 @@ def test_greedy_tokens_equal_speculation_off_through_preemption_and_prefix_hits(
     on.engine.check_invariants()
     assert on.engine.kv_cache_usage() == 0  # every page back (cached ones count as free)
     assert _generate(on, prompts, params) == want  # from the prefix cache this time
+
+
+def test_warm_up_times_the_decode_buckets_with_their_own_programs(make_tiny_llm):
+    """The draft budget's cost model covers every bucket a decode-only step runs in, measured
+    with the programs warm-up built (timing compiles nothing)."""
+    llm = make_tiny_llm(speculative_config=NGRAM)
+    runner, cost = llm.engine.runner, llm.engine.draft_budget.cost
+    assert cost.buckets == tuple(b for b in runner.buckets if b <= runner.max_num_seqs)
+    assert all(0 < cost.seconds([100] * b, [0] * b) < 10 for b in cost.buckets)
+    compiles = llm.engine.num_compiles
+    runner.step_cost(reps=1)
+    assert llm.engine.num_compiles == compiles
 
 
 def _step_through(llm, prompts, params, arrive_at: int):

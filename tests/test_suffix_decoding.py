@@ -258,9 +258,12 @@ def test_greedy_tokens_equal_speculation_off_as_earlier_outputs_draft(make_tiny_
     got, warm = run(on, "a")  # the same requests: drafted from the outputs they had
     assert got == want
     produced = sum(len(t) for o in want for t in o)
-    assert warm[1] > produced / 2 and warm[1] > 2 * cold[1]
+    # Nearly every draft holds, and they bring a third of the tokens or more (each request
+    # starts at the engine's acceptance, which the first run left low: its first drafts are few).
+    assert warm[1] >= 0.9 * warm[0] and warm[1] > produced / 3 and warm[1] > 2 * cold[1]
     got, other = run(on, "b")
-    assert got == want and other == cold
+    # Salt b's drafts hold no more than the first run's did: none came from a's outputs.
+    assert got == want and other[1] == cold[1] < warm[1]
     assert on.engine.num_compiles == compiles
     on.engine.check_invariants()
     assert on.engine.kv_cache_usage() == 0

@@ -30,6 +30,7 @@ from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.scheduler import Scheduler, SchedulerConfig
 from jinfer.scheduler.sequence import Sequence, Status
 from jinfer.spec_decode import verify
+from jinfer.spec_decode.budget import DraftBudget
 from jinfer.structured.grammar import CompiledGrammar, GrammarCompiler
 from jinfer.structured.guards import TokenGuards
 from jinfer.tokenizer.tokenizer import Tokenizer
@@ -98,6 +99,7 @@ class Engine:
         self.kv_events = None  # the KV cache events' publisher, when enabled (builder.py)
         self.speculative = config.speculative  # drafts verified per step (spec_decode/)
         self.drafter = verify.make_drafter(self.speculative)  # None: no speculation
+        self.draft_budget: DraftBudget | None = None  # drafts per step, from warm-up's costs
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -220,15 +222,18 @@ class Engine:
             # How many drafts hold decides where their request's next token goes: a
             # verification lands before the next step is planned, whether that step drafts or not.
             outputs += self._land(finished_only)
-        if self.drafter is not None and self.scheduler.draft_rows() > 0:
+        if self._drafts_may_pay():
             # Drafts continue the known tokens: the step in flight lands first (its host work
             # no longer overlaps the device; a verification step makes up for it many times).
-            # A full batch, or one with prompts to prefill, drafts nothing and stays overlapped.
+            # A full batch, one with prompts to prefill, or one whose drafts would cost more
+            # than they bring drafts nothing and stays overlapped.
             if self._in_flight is not None:
                 outputs += self._land(finished_only)
             verify.propose(
                 self.scheduler.running, self.drafter, self.speculative, self.config.max_model_len
             )
+            if self.draft_budget is not None:  # what this step's drafts are worth (budget.py)
+                self.draft_budget.trim(self._decodes(), self.scheduler.draft_rows())
         plan = self.scheduler.schedule()
         self.stats.record_plan(plan, self.config.enable_prefix_caching)
         previous, self._in_flight = self._in_flight, None
@@ -250,6 +255,19 @@ class Engine:
             outputs += self._land(finished_only)
         return outputs
 
+    def _decodes(self) -> list[Sequence]:
+        return [s for s in self.scheduler.running if s.num_uncomputed_tokens == 1]
+
+    def _drafts_may_pay(self) -> bool:
+        """Whether this step may verify drafts: speculation is on, the step has rows to spare,
+        and, once warm-up has measured the steps' costs, drafts could be worth their rows."""
+        if self.drafter is None or self.scheduler.draft_rows() <= 0:
+            return False
+        if self.draft_budget is None:
+            return True
+        most = self.speculative.num_speculative_tokens
+        return self.draft_budget.may_pay(self._decodes(), self.scheduler.draft_rows(), most)
+
     def _land(
         self, finished_only: bool, step: tuple[StepPlan, DispatchedStep] | None = None
     ) -> list[RequestOutput]:
@@ -260,7 +278,7 @@ class Engine:
         plan, dispatched = step
         result = dispatched.result()
         self.stats.record_step(plan, result)  # (before `accept` clears the drafts it counts)
-        result = verify.accept(result, self.stats)  # (no drafts: as it is)
+        result = verify.accept(result, self.stats, self.draft_budget)  # (no drafts: as it is)
         touched, done = self.output.process(result)
         for seq in result.seqs:
             self.scheduler.on_token_known(seq)
@@ -281,7 +299,11 @@ class Engine:
     def warmup(self) -> float:
         """Compiles every program a step may run (the runner's buckets); seconds taken."""
         self.grammars.prepare()  # the vocabulary for constraints, on a worker meanwhile
-        self.warmup_time = self.runner.warmup()
+        t0 = time.perf_counter()
+        self.runner.warmup()
+        if self.drafter is not None:  # the steps' costs, to plan drafts by (budget.py)
+            self.draft_budget = DraftBudget(self.runner.step_cost())
+        self.warmup_time = time.perf_counter() - t0
         return self.warmup_time
 
     # ------------------------------------------------------------------ status

@@ -34,6 +34,7 @@ from jinfer.runner.mirror import StepMirror
 from jinfer.sample.sampler import PendingSamples, Sampler
 from jinfer.scheduler.plan import StepPlan
 from jinfer.scheduler.sequence import Sequence
+from jinfer.spec_decode.budget import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,66 @@ class ModelRunner:
         tables = np.zeros_like(self.block_tables)
         meta = self._meta(zeros, zeros, zeros, tables, no_blocks, no_blocks, decode_only)
         return zeros, np.full(bucket, -1, np.int32), meta, np.zeros(self._rows(bucket), np.int32)
+
+    def step_cost(self, long_context: int = 2048, reps: int = 2) -> StepCost:
+        """Times the step program of every bucket a decode-only step may run in: full of
+        decodes of distinct requests at a short and at a long context, and full of one
+        request's rows (a decode and its drafts) at the long one. The cost model speculative
+        decoding plans its drafts with (`spec_decode/budget.py`). Their KV goes to free pages:
+        call it after warm-up, before any request."""
+        long_context = max(1, min(long_context, self.max_model_len - self.max_num_seqs))
+        short_context = min(self.page_size, long_context)
+        timings = {}
+        for bucket in (b for b in self.buckets if b <= self.max_num_seqs):
+            timings[bucket] = {
+                "short": (short_context, self._time_decodes(bucket, short_context, 1, reps)),
+                "long": (long_context, self._time_decodes(bucket, long_context, 1, reps)),
+                "shared": (long_context, self._time_decodes(1, long_context, bucket, reps)),
+            }
+        cost = StepCost.fit(timings)
+        log.info(
+            "decode step cost per bucket, ms (%d-token contexts / %d / %d with all rows one "
+            "request's): %s",
+            short_context, long_context, long_context,
+            ", ".join(
+                f"{b}: " + " / ".join(f"{t[1] * 1e3:.0f}" for t in timings[b].values())
+                for b in cost.buckets
+            ),
+        )  # fmt: skip
+        return cost
+
+    def _time_decodes(self, requests: int, context: int, rows_each: int, reps: int) -> float:
+        """Median seconds of a step of `requests` requests at `context` tokens, each with
+        `rows_each` rows (a decode and its drafts), in the step program of their rows' bucket."""
+        rows = requests * rows_each
+        bucket = next(b for b in self.buckets if b >= rows)
+        pages = pages_for(context + rows_each, self.page_size)
+        tables = np.full_like(self.block_tables, SCRATCH_PAGE)
+        # Distinct pages while the cache has them (a small cache repeats some: cheaper reads).
+        distinct = np.arange(requests * pages, dtype=np.int32) % (self.cache.num_pages - 1)
+        tables[:requests, :pages] = 1 + distinct.reshape(requests, pages)
+        positions = np.zeros(bucket, np.int32)
+        seq_ids = np.zeros(bucket, np.int32)
+        slots = np.full(bucket, SCRATCH_PAGE * self.page_size, np.int32)
+        pos = context + np.tile(np.arange(rows_each, dtype=np.int32), requests)
+        seq_ids[:rows] = np.repeat(np.arange(requests, dtype=np.int32), rows_each)
+        positions[:rows] = pos
+        # Each row writes its KV into its request's pages (a row bound for the scratch page
+        # would count as padding, which attends to nothing): at warm-up no page holds anything.
+        slots[:rows] = tables[seq_ids[:rows], pos // self.page_size] * self.page_size
+        slots[:rows] += pos % self.page_size
+        a = region_a(bucket, self.max_num_seqs, self.query_block)
+        no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)
+        meta = self._meta(positions, seq_ids, slots, tables, no_blocks, no_blocks)
+        logits_rows = np.arange(self._rows(bucket), dtype=np.int32)
+        inputs = (np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), meta, logits_rows)
+        times = []
+        for i in range(reps + 1):  # (the first run is not timed)
+            t0 = time.perf_counter()
+            jax.block_until_ready(self._forward(inputs, self._prev_tokens(None)))
+            if i:
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
 
     def lower(self, lowering_platform: str) -> dict[str, jax.stages.Lowered]:
         """Every program warm-up would compile, lowered for `lowering_platform` ("cuda",

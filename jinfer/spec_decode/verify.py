@@ -30,6 +30,7 @@ from jinfer.config.speculative import SpeculativeConfig
 from jinfer.engine.stats import EngineStats
 from jinfer.runner.model_runner import StepResult
 from jinfer.scheduler.sequence import Sequence
+from jinfer.spec_decode.budget import DraftBudget
 from jinfer.spec_decode.ngram import NgramDrafter
 from jinfer.spec_decode.suffix import SuffixDrafter
 
@@ -77,7 +78,7 @@ def propose(
         seq.draft_token_ids = drafter.propose(seq, k)
 
 
-def accept(result: StepResult, stats: EngineStats) -> StepResult:
+def accept(result: StepResult, stats: EngineStats, budget: DraftBudget | None = None) -> StepResult:
     """The step's result with each verification cut to its accepted drafts and the token after
     them (rows of one sequence, in order); the sequences' placeholders and computed tokens
     advanced to match. Rows of other sequences pass through."""
@@ -105,6 +106,8 @@ def accept(result: StepResult, stats: EngineStats) -> StepResult:
                 seq.add_placeholder()  # the step's one placeholder is there already
             seq.num_computed_tokens += k
             stats.record_verification(d, k)
+            if budget is not None:
+                budget.record(seq, d, k)
         row += d + 1
     if len(keep) == len(seqs):
         return result
