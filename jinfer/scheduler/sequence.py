@@ -64,8 +64,10 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     num_drafts_wanted: int | None = None  # how many to propose next (None: as many as allowed)
     drafter_state: Any = None  # what the proposer keeps of it between steps (suffix: an index)
-    drafts_held: int = 0  # drafts of it that held, and verifications that met one that did
-    drafts_failed: int = 0  # not (`spec_decode/budget.py`: its acceptance)
+    # How its drafts held (`spec_decode/budget.py`; None: never verified), as of the output
+    # token `draft_acceptance_at`.
+    draft_acceptance: float | None = None
+    draft_acceptance_at: int = 0
 
     @property
     def needs_known_tokens(self) -> bool:

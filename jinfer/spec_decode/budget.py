@@ -10,13 +10,14 @@ drafts, made a server with four such sessions 0.8x as fast as without it.
 
 So each step plans its drafts against a cost model of the step, `StepCost`, measured at warm-up
 (`ModelRunner.step_cost`: every decode bucket, full of requests at a short and a long context,
-and full of one request's rows). A request's next draft holds with probability alpha (its own
-record of verifications, starting from the engine's), its j-th with alpha ** j (drafts hold in
-a chain). Of all the ways to spend the spare rows, the step takes the one whose best drafts give
-the most expected tokens per second, counting every decode's own token; none when nothing beats
-plain decoding. This is the issue's adaptive speculation: a full or costly batch drafts less, a
-request whose drafts keep failing drafts less, rows the bucket would pad anyway take drafts for
-free, and a lone stream at a cheap context drafts as far as its drafts hold.
+and full of one request's rows). A request's next draft holds with probability alpha (an
+average over its recent verifications, starting from, and returning to, the engine's), its j-th
+with alpha ** j (drafts hold in a chain). Of all the ways to spend the spare rows, the step
+takes the one whose best drafts give the most expected tokens per second, counting every
+decode's own token; none when nothing beats plain decoding. This is the issue's adaptive
+speculation: a full or costly batch drafts less, a request whose drafts keep failing drafts
+less, rows the bucket would pad anyway take drafts for free, and a lone stream at a cheap
+context drafts as far as its drafts hold.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import dataclasses
 
 from jinfer.scheduler.sequence import Sequence
 
-PRIOR_WEIGHT = 2.0  # a request's acceptance starts as this many verifications at the engine's
+# A request's acceptance, alpha, is an exponential average over its verifications' drafts:
+# each draft that held moves it LEARN of the way to 1, the one that did not LEARN of the way to
+# 0 (acceptance comes in runs: a copied passage holds throughout, free text rarely). Between
+# verifications it returns toward the engine's acceptance, RELAX of the way per token it
+# decodes: a request whose drafts failed for a while gets drafts again when they may pay (a
+# verification is the only way to learn that they hold again).
+LEARN = 0.25
+RELAX = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +120,8 @@ def choose_drafts(
 
 
 class DraftBudget:
-    """The engine's per-step draft planner: the step's cost model, and every request's record of
-    how its drafts held (the engine-wide record is each new request's prior)."""
+    """The engine's per-step draft planner: the step's cost model, and how drafts have held,
+    per request and engine-wide (every request's starting point)."""
 
     def __init__(self, cost: StepCost) -> None:
         self.cost = cost
@@ -121,15 +129,22 @@ class DraftBudget:
         self.failed = 1.0  # verifications that stopped at a draft that did not hold
 
     def alpha(self, seq: Sequence) -> float:
+        """The chance that `seq`'s next draft holds."""
         prior = self.held / (self.held + self.failed)
-        held, failed = seq.drafts_held, seq.drafts_failed
-        return (held + PRIOR_WEIGHT * prior) / (held + failed + PRIOR_WEIGHT)
+        if seq.draft_acceptance is None:
+            return prior
+        since = seq.num_output_tokens - seq.draft_acceptance_at
+        return prior + (seq.draft_acceptance - prior) * (1 - RELAX) ** max(since, 0)
 
     def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """One verification of `seq`: its first `num_accepted` of `num_drafts` drafts held."""
-        failed = int(num_accepted < num_drafts)
-        seq.drafts_held += num_accepted
-        seq.drafts_failed += failed
+        a = self.alpha(seq)
+        for _ in range(num_accepted):
+            a += LEARN * (1 - a)
+        failed = num_accepted < num_drafts
+        if failed:
+            a -= LEARN * a
+        seq.draft_acceptance, seq.draft_acceptance_at = a, seq.num_output_tokens
         self.held += num_accepted
         self.failed += failed
 
