@@ -64,10 +64,11 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     num_drafts_wanted: int | None = None  # how many to propose next (None: as many as allowed)
     drafter_state: Any = None  # what the proposer keeps of it between steps (suffix: an index)
-    # How its drafts held (`spec_decode/budget.py`; None: never verified), as of the output
-    # token `draft_acceptance_at`.
-    draft_acceptance: float | None = None
-    draft_acceptance_at: int = 0
+    # How its drafts held (`spec_decode/budget.py`): drafts that held, verifications that met
+    # one that did not, both as of its output token `drafts_counted_at`.
+    drafts_held: float = 0.0
+    drafts_failed: float = 0.0
+    drafts_counted_at: int = 0
 
     @property
     def needs_known_tokens(self) -> bool:

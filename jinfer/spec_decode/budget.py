@@ -10,14 +10,14 @@ drafts, made a server with four such sessions 0.8x as fast as without it.
 
 So each step plans its drafts against a cost model of the step, `StepCost`, measured at warm-up
 (`ModelRunner.step_cost`: every decode bucket, full of requests at a short and a long context,
-and full of one request's rows). A request's next draft holds with probability alpha (an
-average over its recent verifications, starting from, and returning to, the engine's), its j-th
-with alpha ** j (drafts hold in a chain). Of all the ways to spend the spare rows, the step
-takes the one whose best drafts give the most expected tokens per second, counting every
-decode's own token; none when nothing beats plain decoding. This is the issue's adaptive
-speculation: a full or costly batch drafts less, a request whose drafts keep failing drafts
-less, rows the bucket would pad anyway take drafts for free, and a lone stream at a cheap
-context drafts as far as its drafts hold.
+and full of one request's rows). A request's next draft holds with probability alpha (its
+recent verifications' share of drafts that held, starting from, and returning to, the
+engine's), its j-th with alpha ** j (drafts hold in a chain). Of all the ways to spend the
+spare rows, the step takes the one whose best drafts give the most expected tokens per
+second, counting every decode's own token; none when nothing beats plain decoding. This is
+the issue's adaptive speculation: a full or costly batch drafts less, a request whose drafts
+keep failing drafts less, rows the bucket would pad anyway take drafts for free, and a lone
+stream at a cheap context drafts as far as its drafts hold.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import dataclasses
 
 from jinfer.scheduler.sequence import Sequence
 
-# A request's acceptance, alpha, is an exponential average over its verifications' drafts:
-# each draft that held moves it LEARN of the way to 1, the one that did not LEARN of the way to
-# 0 (acceptance comes in runs: a copied passage holds throughout, free text rarely). Between
-# verifications it returns toward the engine's acceptance, RELAX of the way per token it
-# decodes: a request whose drafts failed for a while gets drafts again when they may pay (a
-# verification is the only way to learn that they hold again).
-LEARN = 0.25
+# A request's acceptance, alpha, counts its drafts that held and the verifications that met one
+# that did not, weighed with PRIOR_WEIGHT verifications' worth of the engine's acceptance. Its
+# counts fade by RELAX per token it decodes (acceptance comes in runs: a copied passage holds
+# throughout, free text rarely), so a request whose drafts failed for a while returns to the
+# engine's acceptance and drafts again when that may pay (a verification is the only way to
+# learn that its drafts hold again).
+PRIOR_WEIGHT = 2.0
 RELAX = 0.05
 
 
@@ -125,28 +125,32 @@ class DraftBudget:
 
     def __init__(self, cost: StepCost) -> None:
         self.cost = cost
-        self.held = 1.0  # drafts that held, engine-wide (a prior of one of each: 0.5)
-        self.failed = 1.0  # verifications that stopped at a draft that did not hold
+        # Drafts that held engine-wide, and verifications that stopped at one that did not,
+        # starting optimistic (0.8: four of five drafts hold) so that the first requests'
+        # drafts get tried; a few hundred verifications outweigh it.
+        self.held = 4.0
+        self.failed = 1.0
 
     def alpha(self, seq: Sequence) -> float:
         """The chance that `seq`'s next draft holds."""
         prior = self.held / (self.held + self.failed)
-        if seq.draft_acceptance is None:
-            return prior
-        since = seq.num_output_tokens - seq.draft_acceptance_at
-        return prior + (seq.draft_acceptance - prior) * (1 - RELAX) ** max(since, 0)
+        held, failed = self._counts(seq)
+        return (held + PRIOR_WEIGHT * prior) / (held + failed + PRIOR_WEIGHT)
 
     def record(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """One verification of `seq`: its first `num_accepted` of `num_drafts` drafts held."""
-        a = self.alpha(seq)
-        for _ in range(num_accepted):
-            a += LEARN * (1 - a)
-        failed = num_accepted < num_drafts
-        if failed:
-            a -= LEARN * a
-        seq.draft_acceptance, seq.draft_acceptance_at = a, seq.num_output_tokens
+        failed = int(num_accepted < num_drafts)
+        held, failed_before = self._counts(seq)
+        seq.drafts_held, seq.drafts_failed = held + num_accepted, failed_before + failed
+        seq.drafts_counted_at = seq.num_output_tokens
         self.held += num_accepted
         self.failed += failed
+
+    @staticmethod
+    def _counts(seq: Sequence) -> tuple[float, float]:
+        """`seq`'s held and failed counts, faded to its current token."""
+        fade = (1 - RELAX) ** max(seq.num_output_tokens - seq.drafts_counted_at, 0)
+        return seq.drafts_held * fade, seq.drafts_failed * fade
 
     def may_pay(self, decodes: list[Sequence], spare_rows: int, most: int) -> bool:
         """Whether drafts could pay this step if every decode offered `most` of them (more
