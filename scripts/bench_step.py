@@ -4,6 +4,7 @@
     python scripts/bench_step.py --shape llama3-8b --attention-backend xla pallas --json out.jsonl
     python scripts/bench_step.py --small      # CPU smoke run (pallas = the kernels interpreted)
     python scripts/bench_step.py --shape llama3-8b --batch 1 64 --engine --tokenizer DIR
+    python scripts/bench_step.py --shape smollm2-135m --dtype float32 --batch 4 --drafts 2 8
 
 `--engine` also runs the decode step in a running engine (`LLM.from_params` on the same random
 weights, `batch` greedy requests at `context` tokens, async scheduling: its scheduling, inputs,
@@ -21,6 +22,7 @@ pick (`weights_read`: at batch 1 the active weights, at batch 64 most experts).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -132,18 +134,29 @@ _forward = jax.jit(decoder.forward, static_argnums=(1,), donate_argnums=(4,))
 
 
 def bench(
-    cfg: ModelConfig, params, dtype, batch: int, context: int, page: int, backend: str = "xla"
+    cfg: ModelConfig,
+    params,
+    dtype,
+    batch: int,
+    context: int,
+    page: int,
+    backend: str = "xla",
+    drafts: int = 0,
 ) -> float:
-    pages_per_seq = -(-(context + 1) // page)
+    """Seconds of one step of `batch` requests at `context`, each with `drafts` speculative
+    drafts verified (1 + drafts rows per request, per token, as the engine lays them out)."""
+    rows_each = 1 + drafts
+    pages_per_seq = -(-(context + rows_each) // page)
     attention = get_backend(backend)
     stored = attention.storage_dtype(dtype)
     cache = init_cache(cfg, batch * pages_per_seq + 1, page, stored, layout=attention.layout)
     tables = 1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq)
-    pos = np.full(batch, context, np.int32)
-    slots = tables[np.arange(batch), pos // page] * page + pos % page
-    meta = AttentionMetadata(pos, np.arange(batch, dtype=np.int32), slots, tables, attention)
-    tokens = np.ones(batch, np.int32)
-    idx = np.arange(batch, dtype=np.int32)
+    seq_ids = np.repeat(np.arange(batch, dtype=np.int32), rows_each)  # [T]
+    pos = context + np.tile(np.arange(rows_each, dtype=np.int32), batch)  # [T]
+    slots = tables[seq_ids, pos // page] * page + pos % page
+    meta = AttentionMetadata(pos, seq_ids, slots, tables, attention)
+    tokens = np.ones(len(pos), np.int32)
+    idx = np.arange(len(pos), dtype=np.int32)
     # On the device once: the time is the step's program, not the host-to-device copies.
     tokens, meta, idx = jax.device_put((tokens, meta, idx))
     for _ in range(2):
@@ -262,6 +275,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="with --engine: a GGUF file or HF dir (its vocabulary)")
     ap.add_argument("--engine-steps", type=int, default=32, help="decode steps timed")
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
+    ap.add_argument(
+        "--drafts", type=int, nargs="+", default=[0], help="drafts verified per request (rows)"
+    )
     args = ap.parse_args()
     if args.small:
         args.shape, args.dtype, args.batch, args.context = "smollm2-135m", "float32", [2], [40]
@@ -299,10 +315,10 @@ def main() -> None:
             )  # fmt: skip
     for ctx in args.context:
         for b in args.batch:
-            for backend in args.attention_backend:
+            for backend, drafts in itertools.product(args.attention_backend, args.drafts):
                 try:
                     page = args.page_size or get_backend(backend).default_page_size
-                    step = bench(cfg, params, dtype, b, ctx, page, backend)
+                    step = bench(cfg, params, dtype, b, ctx, page, backend, drafts)
                 except Exception as e:  # report and go on to the next configuration
                     print(f"FAILED {backend} b{b} ctx{ctx}: {type(e).__name__}: {e}"[:600])
                     continue
@@ -315,6 +331,7 @@ def main() -> None:
                         attention=backend,
                         batch=b,
                         context=ctx,
+                        drafts=drafts,
                         step_ms=round(step * 1e3, 3),
                         floor_ms=round(floor * 1e3, 3),
                         weight_floor_ms=round(read / bw * 1e3, 3),
