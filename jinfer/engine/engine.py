@@ -261,12 +261,11 @@ class Engine:
     def _drafts_may_pay(self) -> bool:
         """Whether this step may verify drafts: speculation is on, the step has rows to spare,
         and, once warm-up has measured the steps' costs, drafts could be worth their rows."""
-        if self.drafter is None or self.scheduler.draft_rows() <= 0:
-            return False
-        if self.draft_budget is None:
-            return True
+        spare_rows = 0 if self.drafter is None else self.scheduler.draft_rows()
+        if spare_rows <= 0 or self.draft_budget is None:
+            return spare_rows > 0
         most = self.speculative.num_speculative_tokens
-        return self.draft_budget.may_pay(self._decodes(), self.scheduler.draft_rows(), most)
+        return self.draft_budget.may_pay(self._decodes(), spare_rows, most)
 
     def _land(
         self, finished_only: bool, step: tuple[StepPlan, DispatchedStep] | None = None

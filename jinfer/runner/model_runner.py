@@ -354,11 +354,15 @@ class ModelRunner:
         """A step of padding only in `bucket` (it writes to the scratch page): what warm-up
         runs, and lowering traces, to build each program."""
         zeros = np.zeros(bucket, np.int32)
-        a = region_a(bucket, self.max_num_seqs, self.query_block)
-        no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)  # [NB]
+        no_blocks = self._no_blocks(bucket)
         tables = np.zeros_like(self.block_tables)
         meta = self._meta(zeros, zeros, zeros, tables, no_blocks, no_blocks, decode_only)
         return zeros, np.full(bucket, -1, np.int32), meta, np.zeros(self._rows(bucket), np.int32)
+
+    def _no_blocks(self, bucket: int) -> np.ndarray:  # [NB] int32
+        """Query-block metadata (rows or lengths) of a step with no prefill run in `bucket`."""
+        a = region_a(bucket, self.max_num_seqs, self.query_block)
+        return np.zeros((bucket - a) // max(self.query_block, 1), np.int32)
 
     def step_cost(self, long_context: int = 2048, reps: int = 2) -> StepCost:
         """Times the step program of every bucket a decode-only step may run in: full of
@@ -407,8 +411,7 @@ class ModelRunner:
         # would count as padding, which attends to nothing): at warm-up no page holds anything.
         slots[:rows] = tables[seq_ids[:rows], pos // self.page_size] * self.page_size
         slots[:rows] += pos % self.page_size
-        a = region_a(bucket, self.max_num_seqs, self.query_block)
-        no_blocks = np.zeros((bucket - a) // max(self.query_block, 1), np.int32)
+        no_blocks = self._no_blocks(bucket)
         meta = self._meta(positions, seq_ids, slots, tables, no_blocks, no_blocks)
         logits_rows = np.arange(self._rows(bucket), dtype=np.int32)
         inputs = (np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), meta, logits_rows)

@@ -156,27 +156,17 @@ class DraftBudget:
         """Whether drafts could pay this step if every decode offered `most` of them (more
         offered never makes fewer worth it): when not, the engine drafts nothing and keeps the
         step in flight overlapped with the next one."""
-        return any(
-            choose_drafts(
-                [s.num_tokens for s in decodes],
-                [self.alpha(s) for s in decodes],
-                [most] * len(decodes),
-                spare_rows,
-                self.cost,
-            )
-        )
+        return any(self._choose(decodes, [most] * len(decodes), spare_rows))
 
     def trim(self, decodes: list[Sequence], spare_rows: int) -> None:
         """Cuts each decode's `draft_token_ids` to what pays for itself this step."""
-        drafting = [s for s in decodes if s.draft_token_ids]
-        if not drafting:
+        if not any(s.draft_token_ids for s in decodes):
             return
-        keep = choose_drafts(
-            [s.num_tokens for s in decodes],
-            [self.alpha(s) for s in decodes],
-            [len(s.draft_token_ids) for s in decodes],
-            spare_rows,
-            self.cost,
-        )
-        for seq, k in zip(decodes, keep, strict=True):
+        offered = [len(s.draft_token_ids) for s in decodes]
+        for seq, k in zip(decodes, self._choose(decodes, offered, spare_rows), strict=True):
             del seq.draft_token_ids[k:]
+
+    def _choose(self, decodes: list[Sequence], offered: list[int], spare_rows: int) -> list[int]:
+        contexts = [s.num_tokens for s in decodes]
+        alphas = [self.alpha(s) for s in decodes]
+        return choose_drafts(contexts, alphas, offered, spare_rows, self.cost)
