@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.runner import packing
+from jinfer.sample.draw import inverse_cdf, uniform
 from jinfer.sample.filtering import branch, top_k_top_p_threshold
 from jinfer.sample.metadata import SamplingBatch
 from jinfer.sampling_params import MAX_LOGPROBS
@@ -60,38 +61,6 @@ def _apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (counts > 0)
 
 
-BLOCK = 256  # inverse-CDF sampling: the vocabulary in blocks of this many tokens
-
-
-def _inverse_cdf(weights: jax.Array, u: jax.Array, best: jax.Array) -> jax.Array:
-    """The token whose cumulative weight first exceeds u [B] times the row's sum (u in
-    [0, 1)). [B] i32.
-
-    Two levels, so no [B, V] cumulative sum (slow on XLA:CPU): block sums find the block, then
-    one block per row is scanned."""
-    b, v = weights.shape
-    nb = -(-v // BLOCK)
-    w = jnp.pad(weights, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
-    block_sums = jnp.sum(w, axis=-1)  # [B, NB]
-    block_cum = jnp.cumsum(block_sums, axis=-1)
-    u = u * block_cum[:, -1]  # (the row's sum, from its blocks: no pass of its own)
-    bi = jnp.minimum(jnp.sum(block_cum <= u[:, None], axis=-1), nb - 1)  # [B]
-    start = jnp.take_along_axis(block_cum - block_sums, bi[:, None], axis=-1)  # [B, 1]
-    inner = jnp.take_along_axis(w, bi[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
-    inner_cum = start + jnp.cumsum(inner, axis=-1)
-    j = jnp.minimum(jnp.sum(inner_cum <= u[:, None], axis=-1), BLOCK - 1)
-    token = bi * BLOCK + j
-    # Rounding can land on a zero-weight token at a block's end: take the row's best instead
-    # (`best`, the greedy token: no filter ever drops it, so it is the argmax of `weights`).
-    hit = jnp.take_along_axis(inner, j[:, None], axis=-1)[:, 0] > 0
-    return jnp.where(hit, token, best).astype(jnp.int32)
-
-
-def _uniform(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array) -> jax.Array:
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed_lo), seed_hi), counter)
-    return jax.random.uniform(key, (), jnp.float32)
-
-
 def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array:
     """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B]."""
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -114,7 +83,7 @@ def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array
     # min-p: relative to the best token's probability, i.e. to its weight of 1.
     drop = (scaled < threshold) | (weights < s.min_p[:, None])
     weights = jnp.where(drop, 0.0, weights)
-    return _inverse_cdf(weights, jax.vmap(_uniform)(s.seed_lo, s.seed_hi, s.counter), greedy)
+    return inverse_cdf(weights, jax.vmap(uniform)(s.seed_lo, s.seed_hi, s.counter), greedy)
 
 
 def argmax(x: jax.Array) -> jax.Array:
