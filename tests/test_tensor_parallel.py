@@ -85,3 +85,42 @@ def test_tp4_equals_tp1_mixture_of_experts():
 def test_tp4_equals_tp1_smollm2():
     result = _run("smollm2-135m-instruct")
     assert result["1"] == result["4"]
+
+
+SAMPLER_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jinfer.sample.metadata import SamplingBatch
+    from jinfer.sample.sampler import Sampler
+    from jinfer.runner import packing
+    from jinfer.sampling_params import SamplingParams
+    from jinfer.scheduler.sequence import Sequence
+    from jinfer.structured.bitmask import allocate
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+    vocab = 49152
+    sampler = Sampler(history_len=64, max_rows=4)
+    rng = np.random.default_rng(0)
+    result = {}
+    for rows in (4, 2, 1):
+        logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+        split = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(None, "tp")))
+        params = SamplingParams(temperature=0.0)
+        seqs = [Sequence(str(i), [1], params, seed=i, arrival=i) for i in range(rows)]
+        batch = SamplingBatch.from_sequences(seqs, rows, 64, bitmask=allocate(rows, vocab))
+        out, _ = sampler.run_packed(split, *packing.pack(batch))
+        got = np.asarray(out)[:, 0].view(np.int32)
+        result[rows] = [got.tolist(), logits.argmax(-1).tolist()]
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_the_sampler_reads_logits_split_over_the_vocabulary_whole():
+    """A tensor-parallel step's logits come split over the vocabulary; the sampler gathers
+    them. Partitioned over the split (before), a one-row batch with a token mask read token 0
+    from the packed output, whatever it had drawn."""
+    for rows, (got, want) in run_on_8_devices(SAMPLER_CHILD, "").items():
+        assert got == want, rows

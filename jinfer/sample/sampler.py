@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jinfer.runner import packing
 from jinfer.sample.draw import inverse_cdf, uniform
@@ -265,4 +266,11 @@ class Sampler:
     ) -> tuple[jax.Array, jax.Array]:
         """Dispatches the sampler on a packed batch (a process group's followers call it with
         the leader's): the packed output and `next_tokens`."""
+        if not logits.sharding.is_fully_replicated:
+            # A tensor-parallel step's logits, split over the vocabulary, are gathered first
+            # (vLLM gathers them too): the sampler reads whole rows. XLA's partitioning of the
+            # sampler over split rows also miscompiled it: a one-row batch with a token mask
+            # read token 0 from the packed output, whatever it had drawn.
+            replicated = NamedSharding(logits.sharding.mesh, PartitionSpec())
+            logits = jax.device_put(logits, replicated)
         return _sample_step(logits, layout, ibuf, fbuf, self.max_rows)
