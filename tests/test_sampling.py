@@ -153,35 +153,50 @@ def test_top_p_draws_follow_the_renormalized_nucleus():
     np.testing.assert_allclose(freq, want, atol=0.025)
 
 
+def _reference_kept(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """How many tokens each row keeps, as vLLM and transformers filter: sort, keep the top k,
+    renormalize, keep the smallest prefix of them reaching top_p."""
+    order = np.sort(scaled, axis=-1)[:, ::-1][:, : top_k or scaled.shape[1]]
+    p = np.exp(order - order[:, :1])
+    p /= p.sum(-1, keepdims=True)
+    return (np.cumsum(p, -1) - p < top_p).sum(-1)
+
+
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.999), (300, 1.0), (40, 0.95), (700, 0.5)])
-def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top_p):
-    # A flat-ish distribution: nucleus and k both exceed 2 candidates, forcing the bisection.
+def test_filters_beyond_the_candidates_keep_what_the_candidates_keep(top_k, top_p):
+    """A flat-ish distribution: the nucleus and k exceed 2 candidates, forcing CPU's bisection
+    (top-k) and its test after the draw (top-p); an accelerator's radix searches settle both."""
     import jax.numpy as jnp
 
     from jinfer.sample.filtering import top_k_top_p_threshold
 
     rng = np.random.default_rng(top_k)
     scaled = jnp.asarray(rng.standard_normal((3, 1000)).astype(np.float32))
+    temp = jnp.ones((3, 1))
     hi = scaled.max(-1, keepdims=True)
-    weights = jnp.exp(scaled - hi)
+    weights = np.asarray(jnp.exp(scaled - hi))
     seqs = [_seq(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))] * 3
     batch = SamplingBatch.from_sequences(seqs, 3, history_len=8)
-    kept = {}
-    for c in (1000, 2):
-        th = top_k_top_p_threshold(scaled, weights, hi, batch, candidates=c)
-        kept[c] = np.asarray(scaled >= th)
-    np.testing.assert_array_equal(kept[2], kept[1000])
+
+    def kept(f):
+        """[B, V]: what the threshold keeps, and of that, a nucleus left to the draw: the tokens
+        whose heavier tokens weigh less than its share of its mass (`sample/nucleus.py`)."""
+        w = np.where(np.asarray(scaled) >= np.asarray(f.threshold), weights, 0.0)
+        mass = np.asarray(f.mass)
+        target = np.asarray(f.share) * np.where(mass > 0, mass, weights.sum(-1))
+        heavier = np.where(w[:, None, :] > w[:, :, None], w[:, None, :], 0.0).sum(-1)
+        return (w > 0) & (heavier < target[:, None])
+
+    got = {c: kept(top_k_top_p_threshold(scaled, temp, hi, batch, candidates=c)) for c in (1000, 2)}
+    np.testing.assert_array_equal(got[2], got[1000])
     # An accelerator's "top_p" variant: the radix search for every row, no candidates.
     radix = dataclasses.replace(batch, variant=SamplerVariant(penalties=False, filtering="top_p"))
-    th = top_k_top_p_threshold(scaled, weights, hi, radix)
-    np.testing.assert_array_equal(np.asarray(scaled >= th), kept[1000])
-    # The reference, as vLLM and transformers filter: sort, keep the top k, renormalize, keep the
-    # smallest prefix of them reaching top_p.
-    order = np.sort(np.asarray(scaled), axis=-1)[:, ::-1][:, : top_k or 1000]
-    p = np.exp(order - order[:, :1])
-    p /= p.sum(-1, keepdims=True)
-    want = (np.cumsum(p, -1) - p < top_p).sum(-1)
-    np.testing.assert_array_equal(kept[1000].sum(-1), want)
+    f = top_k_top_p_threshold(scaled, temp, hi, radix)
+    assert np.all(np.asarray(f.share) == np.inf)  # the threshold settles every row
+    np.testing.assert_array_equal(np.asarray(scaled >= f.threshold), got[1000])
+    np.testing.assert_array_equal(
+        got[1000].sum(-1), _reference_kept(np.asarray(scaled), top_k, top_p)
+    )
 
 
 @pytest.mark.parametrize(
@@ -190,7 +205,10 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
         [SamplingParams(temperature=0)] * 3,
         [SamplingParams(temperature=0.8), SamplingParams(temperature=0)],
         [SamplingParams(temperature=1.0, top_k=40), SamplingParams(temperature=0.7, top_k=5)],
-        [SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0, logprobs=3)],
+        [
+            SamplingParams(temperature=1.0, top_k=50, top_p=0.6),
+            SamplingParams(temperature=0, logprobs=3),
+        ],
         [SamplingParams(temperature=1.0, top_k=300), SamplingParams(temperature=0.5, min_p=0.1)],
         [SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5)],
     ],
@@ -198,7 +216,8 @@ def test_threshold_beyond_the_candidates_equals_the_candidates_answer(top_k, top
 )
 def test_host_decided_variants_sample_what_the_device_decided_program_does(params):
     """Accelerators pick a `SamplerVariant` per batch on the host (no conditional in any
-    program); CPU's one program decides on the device. Both give the same tokens and logprobs."""
+    program); CPU's one program decides on the device. Both give the same tokens and logprobs
+    (a top-p without a top-k is drawn otherwise on CPU: the next test)."""
     rng = np.random.default_rng(3)
     logits = (rng.standard_normal((4, 1000)) * 3).astype(np.float32)
     seqs = [_seq(p, seed=i, outputs=[5, 9]) for i, p in enumerate(params)]
@@ -213,6 +232,67 @@ def test_host_decided_variants_sample_what_the_device_decided_program_does(param
             results[-1] += (np.asarray(out.top_ids)[:n], np.asarray(out.top_logprobs)[:n])
     for device, host in zip(*results, strict=True):
         np.testing.assert_array_equal(device, host)
+
+
+def test_top_p_alone_draws_the_same_nucleus_on_cpu_as_on_accelerators():
+    """CPU draws from the whole row and redraws a token outside the nucleus; an accelerator's
+    "top_p" variant draws inside an exact threshold. Other tokens for a seed, one distribution:
+    the renormalized nucleus, which no draw leaves."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal(300) * 2).astype(np.float32)  # a nucleus of ~100 tokens
+    n = 4096
+    probs = np.exp(logits - logits.max()).astype(np.float64)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = order[(np.cumsum(probs[order]) - probs[order]) < 0.8]
+    want = np.zeros_like(probs)
+    want[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    noise = [np.abs(rng.multinomial(n, want) / n - want).sum() for _ in range(50)]
+    seqs = [_seq(SamplingParams(temperature=1.0, top_p=0.8), seed=i) for i in range(n)]
+    for on_host in (False, True):
+        batch = SamplingBatch.from_sequences(seqs, n, history_len=8, decide_on_host=on_host)
+        tokens = np.asarray(sample(np.tile(logits, (n, 1)), batch).tokens)
+        assert set(tokens.tolist()) <= set(nucleus.tolist())
+        freq = np.bincount(tokens, minlength=len(probs)) / n
+        assert np.abs(freq - want).sum() < np.quantile(noise, 0.99) * 1.1
+
+
+def test_filtered_rows_draw_the_same_whatever_shares_the_batch():
+    """On CPU a top-k row draws from its candidates and a top-p row is redrawn outside its
+    nucleus: each the same alone as beside rows that widen the candidates read (a larger
+    top-k) or are redrawn themselves."""
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((5, 1000)).astype(np.float32)  # flat: many redraws
+    mine = [
+        _seq(SamplingParams(temperature=1.0, top_k=20), seed=3),
+        _seq(SamplingParams(temperature=1.0, top_p=0.5), seed=4),
+    ]
+    others = [
+        _seq(SamplingParams(temperature=1.0, top_k=100), seed=5),
+        _seq(SamplingParams(temperature=0.7, top_p=0.3), seed=6),
+        _seq(SamplingParams(temperature=0)),
+    ]
+    batch = [others[0], mine[0], others[1], mine[1], others[2]]
+    for counter in range(20):
+        for s in mine + others:
+            s.output_token_ids = [0] * counter
+        alone, _ = _sample(logits[:2], mine)
+        together, _ = _sample(logits[[2, 0, 3, 1, 4]], batch, rows=8)
+        assert alone.tolist() == together[[1, 3]].tolist()
+
+
+def test_top_k_keeps_every_token_tied_at_its_kth_value():
+    """As a threshold keeps them (vLLM too): 5 tokens at 2.0, then 400 tied at 1.0, so a top-k
+    of 10 keeps 405 tokens, more than any candidates CPU reads hold: those rows draw from the
+    whole row."""
+    logits = np.full(1000, -np.inf, np.float32)
+    logits[:5] = 2.0
+    logits[100:500] = 1.0
+    n = 2048
+    seqs = [_seq(SamplingParams(temperature=1.0, top_k=10), seed=i) for i in range(n)]
+    tokens, _ = _sample(np.tile(logits, (n, 1)), seqs)
+    tied = set(tokens.tolist()) - set(range(5))
+    assert tied <= set(range(100, 500)) and len(tied) > 300
 
 
 def test_the_host_picks_the_variant_a_batch_needs():

@@ -1,14 +1,16 @@
 """Top-k and top-p as one logit threshold per row, without sorting the vocabulary.
 
 The sampler keeps a row's tokens whose (temperature-scaled) logit reaches the row's threshold.
-Top-k and top-p read the best CANDIDATES tokens first; rows whose answer lies beyond them are
-settled exactly over the whole vocabulary: on CPU by bisection, run only when some row needs it
-(a device conditional); on accelerators, where a conditional would stop the device for the host,
-by a radix search of fixed length (`radix_search`) for every row of the batches the host finds
-may need it.
+Top-k and top-p read the best CANDIDATES tokens first. Rows whose answer lies beyond them are
+settled exactly over the whole vocabulary: on accelerators, where a conditional would stop the
+device for the host, by a radix search of fixed length (`radix_search`) for every row of the
+batches the host finds may need it; on CPU, a top-k by bisection, run only when some row needs
+it (a device conditional), and a nucleus by testing the drawn token (`sample/nucleus.py`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,85 +34,168 @@ def _bisect(lo: jax.Array, hi: jax.Array, ok) -> jax.Array:
     return lo
 
 
+class Filters(NamedTuple):
+    """What top-k and top-p keep of each row."""
+
+    threshold: jax.Array  # [B, 1]: scaled logits below it are dropped
+    # [B]: top_p, where the row's nucleus is left to the draw (CPU: `sample/nucleus.py`); inf
+    # where the threshold settles it
+    share: jax.Array
+    mass: jax.Array  # [B]: what `share` is a share of: a top-k's mass, or 0 for the row's whole
+    listed: jax.Array  # [B] bool: every token the row keeps is among its candidates (CPU)
+    best: jax.Array  # [B, C]: the candidates' scaled logits, descending, -inf padded (CPU)
+    ids: jax.Array  # [B, C] int32: their tokens
+
+    @classmethod
+    def none(cls, b: int, c: int) -> Filters:
+        """Rows that keep every token."""
+        unset = jnp.full((b,), jnp.inf)
+        best = jnp.full((b, c), -jnp.inf)
+        ids = jnp.zeros((b, c), jnp.int32)
+        return cls(jnp.full((b, 1), -jnp.inf), unset, jnp.zeros((b,)), unset < 0, best, ids)
+
+
 def top_k_top_p_threshold(
-    scaled: jax.Array,
-    weights: jax.Array,
+    x: jax.Array,
+    temp: jax.Array,
     hi: jax.Array,
     s: SamplingBatch,
     candidates: int = CANDIDATES,
-) -> jax.Array:
-    """Per-row logit threshold below which tokens are dropped by top-k and top-p. [B, 1].
+) -> Filters:
+    """What top-k and top-p keep of each row: a threshold on its scaled logits x / temp (x
+    [B, V], temp [B, 1], row max `hi` [B, 1]); on CPU, also the nucleus left to the draw and
+    the candidates that hold all a row keeps.
 
     Top-p applies to what top-k keeps, renormalized (as vLLM and transformers do): the smallest
-    set of the row's top-k whose share of the top-k's mass reaches top_p. `hi` [B, 1]: the row
-    max of `scaled`; `weights` [B, V] = exp(scaled - hi). The answer usually lies among the
-    `candidates` best tokens (a top-k within them holds its nucleus too; without top-k, they
-    often already hold top_p of the mass); rows where it does not are settled exactly over the
-    whole vocabulary -- never a full sort (one sort of 64 x 49k floats takes a second on a
-    CPU): on CPU by bisection, run only when a row needs it (a device conditional); in an
-    accelerator's "top_p" variant by a radix search for every row, with no conditional.
+    set of the row's top-k whose share of the top-k's mass reaches top_p. Never a full sort
+    (one sort of 64 x 49k floats takes a second on a CPU):
+    - an accelerator's "top_p" variant finds both thresholds exactly by radix searches, for
+      every row, with no conditional;
+    - its "top_k" variant reads them from the `candidates` best tokens (a top-k within them
+      holds its nucleus too);
+    - CPU reads the fewest candidates that hold every row's top-k (none for a batch without
+      top-k), bisects for a top-k beyond them (a device conditional: only when a row needs
+      it), and leaves any other nucleus to the draw: the drawn token is tested, and redrawn if
+      outside, where finding the nucleus's edge would take ~32 passes.
     """
-    v = scaled.shape[-1]
+    b, v = x.shape
     filtering = None if s.variant is None else s.variant.filtering
-    exact = filtering == "top_p"  # the host knows some row may need the search: no candidates
-    inside = True if filtering == "top_k" else None  # None: the device decides (CPU)
     top_k_on = (s.top_k > 0)[:, None]  # [B, 1]; a row without top-k keeps every token
     k = jnp.where(top_k_on, jnp.minimum(s.top_k[:, None], v), v)  # [B, 1]
+    top_p_on = s.top_p[:, None] < 1.0
+
+    # The scaled logits and their weights [B, V] are computed where they are read: an array a
+    # device conditional closes over is written out in full, whichever branch runs.
+    def scaled():
+        return x / temp
 
     def floor():
         # Below hi - 128 a weight is 0 in float32 (and banned tokens sit at -1e30): searching
         # there would only cost precision.
-        return jnp.maximum(jnp.min(scaled, axis=-1, keepdims=True), hi - 128.0)
+        return jnp.maximum(jnp.min(scaled(), axis=-1, keepdims=True), hi - 128.0)
 
     def mass_from(t):  # [B, 1]: the weight of the tokens at or above t
-        return jnp.sum(jnp.where(scaled >= t, weights, 0.0), -1, keepdims=True)
+        y = scaled()
+        return jnp.sum(jnp.where(y >= t, jnp.exp(y - hi), 0.0), -1, keepdims=True)
 
-    top_p_on = s.top_p[:, None] < 1.0
-    if exact:
+    def settled(threshold):  # an accelerator's answer: the threshold is all
+        return Filters.none(b, 1)._replace(threshold=threshold)
+
+    if filtering == "top_p":  # the host knows some row may need the search: no candidates
+        y = scaled()
         lo = floor()
-        kth = jnp.where(top_k_on, radix_search(scaled, None, k.astype(jnp.float32), lo), -jnp.inf)
+        kth = jnp.where(top_k_on, radix_search(y, None, k.astype(jnp.float32), lo), -jnp.inf)
         target = s.top_p[:, None] * mass_from(kth)
-        pth = radix_search(scaled, weights, target, jnp.maximum(kth, lo))
-        return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
+        pth = radix_search(y, jnp.exp(y - hi), target, jnp.maximum(kth, lo))
+        return settled(jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf)))
 
+    inside = True if filtering == "top_k" else None  # None: the device decides (CPU)
+    # The candidates are read from x: x / temp rounds monotonically, so the scaled logits' k-th
+    # value is x's over temp, and the scaled logits need not be written out.
     c = min(candidates, v)
-    best = best_values(scaled, c)  # [B, C] descending
+    if inside:  # every filtering row's top-k lies within the candidates
+        best, ids = best_tokens(x, c)
+        edge = best[:, -1:]
+    else:  # CPU: the fewest candidates that hold every row's top-k
+        best, ids, edge = _cpu_candidates(x, jnp.where(top_k_on, k, 0), c)
+    best, edge = best / temp, edge / temp  # [B, C], [B, 1]
     kth = jnp.take_along_axis(best, jnp.minimum(k, c) - 1, axis=-1)
     k_inside = ~top_k_on | (k <= c)
 
     def k_search(kth):
-        kth_x = _bisect(floor(), hi, lambda t: jnp.sum(scaled >= t, -1, keepdims=True) >= k)
+        y = scaled()
+        kth_x = _bisect(floor(), hi, lambda t: jnp.sum(y >= t, -1, keepdims=True) >= k)
         return jnp.where(k_inside, kth, kth_x)
 
     kth = branch(inside, jnp.all(k_inside), lambda x: x, k_search, kth)
     kth = jnp.where(top_k_on, kth, -jnp.inf)  # [B, 1]
 
-    # Top-p over the top-k: the smallest set of its best tokens reaching a share of its mass
-    # (a row without top-k: the whole row's; with one, counted only where some row has both).
-    whole = jnp.sum(weights, -1, keepdims=True)
-    top_k_mass = branch(
-        inside, jnp.any(top_k_on & top_p_on), mass_from, lambda _: jnp.zeros_like(whole), kth
-    )
-    target = s.top_p[:, None] * jnp.where(top_k_on, top_k_mass, whole)
+    # Top-p over a top-k within the candidates: the smallest set of its best tokens reaching a
+    # share of its mass. The candidates hold the top-k unless a token beyond them ties its
+    # k-th value.
     p = jnp.where(best >= kth, jnp.exp(best - hi), 0.0)  # [B, C]
+    held = jnp.sum(p, axis=-1, keepdims=True)  # [B, 1]
+    ties_beyond = edge >= kth
+    top_k_mass = branch(
+        inside, jnp.any(top_k_on & top_p_on & ties_beyond), mass_from, lambda _: held, kth
+    )
+    target = s.top_p[:, None] * top_k_mass
     before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each candidate
     pth = jnp.min(jnp.where((before < target) & (best >= kth), best, jnp.inf), -1, keepdims=True)
     within = top_k_on & (k <= c)  # the whole top-k is among the candidates, so its nucleus too
-    p_inside = ~top_p_on | within | (jnp.sum(p, axis=-1, keepdims=True) >= target)
+    threshold = jnp.maximum(kth, jnp.where(top_p_on & within, pth, -jnp.inf))
+    if inside:  # (every filtering row's top-k is within)
+        return settled(threshold)
+    # Any other nucleus is left to the draw: of a row without top-k, a share of the row's whole
+    # mass (0: the sampler has it from the draw); of a top-k beyond the candidates, of its mass.
+    left = top_p_on & ~within & (s.temperature[:, None] > 0)
+    share = jnp.where(left, s.top_p[:, None], jnp.inf)[:, 0]
+    mass = jnp.where(top_k_on, top_k_mass, 0.0)[:, 0]
+    listed = (within & ~ties_beyond)[:, 0]
+    return Filters(threshold, share, mass, listed, best, ids)
 
-    def p_search(pth):
-        pth_x = _bisect(jnp.maximum(kth, floor()), hi, lambda t: mass_from(t) >= target)
-        return jnp.where(p_inside, pth, pth_x)
 
-    pth = branch(inside, jnp.all(p_inside), lambda x: x, p_search, pth)
-    return jnp.maximum(kth, jnp.where(top_p_on, pth, -jnp.inf))
+# CPU's smaller candidate counts, tried before CANDIDATES: one over a power of two, so a top-k
+# of 32 or 64 keeps a candidate past its k-th value (which shows no tie of it lies beyond).
+CPU_CANDIDATES = (33, 65)
+
+
+def _cpu_candidates(x: jax.Array, k: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best values of each row and their tokens [B, C], descending, -inf padded: the fewest
+    of CPU_CANDIDATES + (c,) that hold every row's top-k `k` [B, 1] (0: none) and one token
+    more, or none at all for a batch without top-k (lax.top_k's cost grows with its count:
+    0.9 ms for 32, 2.5 ms for 128 on 32 x 49152); and the edge [B, 1], the last real one."""
+    sizes = [n for n in CPU_CANDIDATES if n < c] + [c]
+    most = jnp.max(k)
+
+    def read(n):
+        def f(x):
+            values, ids = best_tokens(x, n)
+            pad = ((0, 0), (0, c - n))
+            return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+
+        def none(x):
+            return jnp.full((x.shape[0], c), -jnp.inf, x.dtype), jnp.zeros(
+                (x.shape[0], c), jnp.int32
+            )
+
+        return f if n else none
+
+    which = jnp.where(most == 0, 0, 1 + jnp.sum(most >= jnp.asarray(sizes[:-1])))
+    best, ids = jax.lax.switch(which, [read(n) for n in [0] + sizes], x)
+    # (The edge read out here: returned from the switch's branches too, it made the switch
+    # ~3x slower on XLA:CPU.)
+    n = jnp.asarray([1] + sizes)[which]
+    edge = jax.lax.dynamic_slice_in_dim(best, n - 1, 1, axis=1)  # [B, 1]
+    return best, ids, edge
 
 
 BEST_BLOCK = 16  # best_values: the vocabulary read in blocks of this many tokens
 
 
-def best_values(x: jax.Array, c: int) -> jax.Array:
-    """The c largest values of each row, descending (lax.top_k's values). [B, V] -> [B, C].
+def best_tokens(x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """The c largest values of each row, descending, and their tokens (lax.top_k's values; its
+    indices up to the order of ties). [B, V] -> [B, C], [B, C] int32.
 
     In two stages, as top_k's cost grows with the row it reads: the c largest lie in the c
     blocks of BEST_BLOCK tokens with the largest maxima (a value among the c largest makes its
@@ -119,12 +204,20 @@ def best_values(x: jax.Array, c: int) -> jax.Array:
     b, v = x.shape
     nb = -(-v // BEST_BLOCK)
     if nb <= c:
-        return jax.lax.top_k(x, c)[0]
+        values, ids = jax.lax.top_k(x, c)
+        return values, ids.astype(jnp.int32)
     blocks = jnp.pad(x, ((0, 0), (0, nb * BEST_BLOCK - v)), constant_values=-jnp.inf)
     blocks = blocks.reshape(b, nb, BEST_BLOCK)
     picked = jax.lax.top_k(jnp.max(blocks, -1), c)[1]  # [B, C]
     tokens = jnp.take_along_axis(blocks, picked[:, :, None], axis=1).reshape(b, c * BEST_BLOCK)
-    return jax.lax.top_k(tokens, c)[0]
+    values, at = jax.lax.top_k(tokens, c)
+    ids = jnp.take_along_axis(picked, at // BEST_BLOCK, axis=-1) * BEST_BLOCK + at % BEST_BLOCK
+    return values, ids.astype(jnp.int32)
+
+
+def best_values(x: jax.Array, c: int) -> jax.Array:
+    """`best_tokens`' values alone. [B, V] -> [B, C]."""
+    return best_tokens(x, c)[0]
 
 
 RADIX_BITS = 4  # a radix search settles this many bits of the answer per pass

@@ -138,11 +138,12 @@ class SamplingBatch:
         cls, rows: int, history_len: int, vocab_size: int, decide_on_host: bool = False
     ) -> list[SamplingBatch]:
         """One batch per program the sampler may run for `rows`: without and with the penalty
-        history, without and with a token mask, and on the host's side every `SamplerVariant`
-        (warm-up compiles them all)."""
+        history, without and with a token mask (CPU: always with one), and on the host's side
+        every `SamplerVariant` (warm-up compiles them all)."""
         base = cls.from_sequences([], rows, history_len)
         out = []
-        for length, width in itertools.product((1, history_len), (1, mask_width(vocab_size))):
+        widths = (1, mask_width(vocab_size)) if decide_on_host else (mask_width(vocab_size),)
+        for length, width in itertools.product((1, history_len), widths):
             arrays = dict(
                 history=np.full((rows, length), -1, np.int32),
                 history_is_output=np.zeros((rows, length), np.bool_),

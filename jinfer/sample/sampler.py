@@ -10,7 +10,11 @@ the best CANDIDATES tokens or searched exactly beyond them (`sample/filtering.py
 
 A sampled row draws one uniform number from the request's own seed folded with its output index
 (so a seeded request draws the same tokens whatever else shares the batch) and inverts the
-cumulative distribution of the kept tokens. Greedy rows take the argmax.
+cumulative distribution of the kept tokens (`sample/draw.py`). Greedy rows take the argmax.
+CPU draws a row whose kept tokens all lie among its candidates from those alone, and a row
+whose nucleus lies beyond them from the whole row, redrawing a token outside the nucleus
+(`sample/nucleus.py`): for a seed, other tokens than an accelerator's, from the same
+distribution.
 Logprobs are those of the model's raw distribution (vLLM's default), before any processing.
 A constrained row (structured output) has every token its grammar forbids set to -inf after
 penalties and biases, before temperature and the filters: a batch with such rows runs the
@@ -28,9 +32,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jinfer.runner import packing
-from jinfer.sample.draw import inverse_cdf, uniform
-from jinfer.sample.filtering import branch, top_k_top_p_threshold
-from jinfer.sample.metadata import SamplingBatch
+from jinfer.sample.draw import inverse_cdf, inverse_cdf_listed, uniform
+from jinfer.sample.filtering import Filters, branch, top_k_top_p_threshold
+from jinfer.sample.metadata import CANDIDATES, SamplingBatch
+from jinfer.sample.nucleus import redraw_outside_nucleus
 from jinfer.sampling_params import MAX_LOGPROBS
 from jinfer.scheduler.sequence import Sequence
 from jinfer.structured.bitmask import MaskFiller, allocate, apply_bitmask
@@ -62,29 +67,72 @@ def _apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return logits - s.presence_penalty[:, None] * (counts > 0)
 
 
-def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array) -> jax.Array:
-    """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B]."""
+def _sample_rows(x: jax.Array, s: SamplingBatch, greedy: jax.Array, top: jax.Array) -> jax.Array:
+    """Tokens drawn from softmax(x / temperature), filtered by top-k, top-p and min-p. [B].
+    `greedy` [B]: the argmax tokens, `top` [B, 1]: the row maxima of x [B, V]."""
+    b, v = x.shape
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    scaled = x / temp
-    # max(x / t) is max(x) / t exactly (division rounds monotonically), and argmax has max(x)
-    hi = jnp.max(x, axis=-1, keepdims=True) / temp
-    weights = jnp.exp(scaled - hi)  # [B, V], max 1
+    hi = top / temp  # max(x / t) is max(x) / t exactly (division rounds monotonically)
     needs_threshold = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
     filtering = None if s.variant is None else s.variant.filtering != "none"
-    threshold = branch(
+    # (Conditionals here take the logits, not the scaled logits or their weights: an operand
+    # of a conditional is written out in full, and these are recomputed where they are read.)
+    f = branch(
         filtering,
         needs_threshold,
         top_k_top_p_threshold,
-        lambda y, *_: jnp.full((y.shape[0], 1), -jnp.inf, y.dtype),
-        scaled,
-        weights,
+        lambda *_: Filters.none(b, min(CANDIDATES, v)),
+        x,
+        temp,
         hi,
         s,
     )
+    u = jax.vmap(uniform)(s.seed_lo, s.seed_hi, s.counter)
+    if s.variant is not None:  # an accelerator's: the threshold settled every row
+        return inverse_cdf(_kept(x / temp, hi, f.threshold, s.min_p), u, greedy)[0]
+
+    # CPU: a row whose every kept token is among its candidates draws from them alone; the
+    # others (when a batch has any) draw from the whole row, their nucleus tested after.
+    listed = inverse_cdf_listed(_kept(f.best, hi, f.threshold, s.min_p), f.ids, u, greedy)
+    whole = jnp.any((s.temperature > 0) & ~f.listed)
+    drawn = branch(
+        None, whole, lambda x: _draw_whole(x, temp, hi, f, s, u, greedy), lambda _: listed, x
+    )
+    return jnp.where(f.listed, listed, drawn)
+
+
+def _kept(scaled: jax.Array, hi: jax.Array, threshold: jax.Array, min_p: jax.Array) -> jax.Array:
+    """The weights exp(scaled - hi) of the tokens top-k, top-p and min-p keep, 0 for the others.
+    scaled [B, N], hi and threshold [B, 1], min_p [B]."""
+    weights = jnp.exp(scaled - hi)  # max 1
     # min-p: relative to the best token's probability, i.e. to its weight of 1.
-    drop = (scaled < threshold) | (weights < s.min_p[:, None])
-    weights = jnp.where(drop, 0.0, weights)
-    return inverse_cdf(weights, jax.vmap(uniform)(s.seed_lo, s.seed_hi, s.counter), greedy)
+    drop = (scaled < threshold) | (weights < min_p[:, None])
+    return jnp.where(drop, 0.0, weights)
+
+
+def _draw_whole(x, temp, hi, f: Filters, s: SamplingBatch, u, greedy) -> jax.Array:
+    """CPU's draw over whole rows [B], each redrawn while outside a nucleus the threshold left
+    to it (`sample/nucleus.py`): a share of its top-k's mass, or of the row's whole mass (what
+    the draw kept, unless min-p dropped some of it)."""
+    kept = _kept(x / temp, hi, f.threshold, s.min_p)  # [B, V]
+    tokens, kept_mass = inverse_cdf(kept, u, greedy)
+    left = f.share < jnp.inf
+    whole = branch(
+        None,
+        jnp.any(left & (f.mass == 0) & (s.min_p > 0)),
+        lambda x: jnp.sum(jnp.exp(x / temp - hi), axis=-1),
+        lambda _: kept_mass,
+        x,
+    )
+    target = f.share * jnp.where(f.mass > 0, f.mass, whole)
+    seeds = (s.seed_lo, s.seed_hi, s.counter)
+    return branch(
+        None,
+        jnp.any(left),
+        lambda t: redraw_outside_nucleus(kept, t, target, greedy, *seeds),
+        lambda t: t,
+        tokens,
+    )
 
 
 def argmax(x: jax.Array) -> jax.Array:
@@ -111,18 +159,24 @@ def sample(logits: jax.Array, s: SamplingBatch) -> SampleOutput:
     rows = jnp.arange(b)[:, None]
     bias_ids = jnp.where(s.bias_ids >= 0, s.bias_ids, v)
     x = x.at[rows, bias_ids].add(s.bias_vals, mode="drop")
-    if s.bitmask.shape[1] > 1:  # some row is constrained (the host chose this program)
-        x = apply_bitmask(x, s.bitmask)
+    if s.bitmask.shape[1] > 1:  # some row may be constrained
+        # (CPU's one program always has the mask, and skips it when no row is constrained)
+        masked = None if on_host else jnp.any(s.bitmask != -1)
+        x = branch(True if on_host else None, masked, apply_bitmask, lambda x, _: x, x, s.bitmask)
 
     greedy = argmax(x)
+    # The row maxima, read at the argmax (NaN where a row has one, as jnp.max gives): a reduction
+    # of its own here, beside argmax's, made XLA:CPU's greedy program ~10% slower.
+    top = jnp.take_along_axis(x, greedy[:, None], axis=-1)  # [B, 1]
     sampled = branch(
         True if on_host else None,
         jnp.any(s.temperature > 0),
         _sample_rows,
-        lambda x, s, g: g,
+        lambda x, s, g, _: g,
         x,
         s,
         greedy,
+        top,
     )
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
 
@@ -200,6 +254,7 @@ class Sampler:
         # program branch on the device (CPU).
         self.decide_on_host = decide_on_host
         self._masks: MaskFiller | None = None  # llguidance's threads, from the first constraint
+        self._free: dict[int, np.ndarray] = {}  # CPU: an all-ones mask per row count (read only)
         self.mirror: Any = None  # a process group's leader's `StepMirror` (runner/mirror.py)
 
     def sample(self, logits: jax.Array, seqs: list[Sequence]) -> PendingSamples:
@@ -213,14 +268,20 @@ class Sampler:
 
     def _bitmask(self, seqs: list[Sequence], rows: int, vocab: int) -> np.ndarray | None:
         """[rows, W] allowed-token bits of the constrained rows (others all ones): filled by
-        their matchers, then narrowed by their guards (allowed_token_ids, bad_words); None
-        when no row is constrained. A sequence that finished meanwhile (its previous token
-        stopped it) keeps all ones: its sample is dropped."""
+        their matchers, then narrowed by their guards (allowed_token_ids, bad_words). When no
+        row is constrained: None (accelerators: the program without a mask), or all ones (CPU:
+        its one program skips the mask then; a program per width would double its compiles).
+        A sequence that finished meanwhile (its previous token stopped it) keeps all ones: its
+        sample is dropped."""
         live = [(i, s) for i, s in enumerate(seqs) if not s.is_finished]
         matched = [(s.matcher, i) for i, s in live if s.matcher is not None]
         guarded = [(s, i) for i, s in live if s.guards is not None]
         if not matched and not guarded:
-            return None
+            if self.decide_on_host:
+                return None
+            if rows not in self._free:
+                self._free[rows] = allocate(rows, vocab)
+            return self._free[rows]
         bitmask = allocate(rows, vocab)
         if matched:
             if self._masks is None:
