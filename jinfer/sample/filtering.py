@@ -80,9 +80,11 @@ def top_k_top_p_threshold(
     """
     b, v = x.shape
     filtering = None if s.variant is None else s.variant.filtering
-    top_k_on = (s.top_k > 0)[:, None]  # [B, 1]; a row without top-k keeps every token
+    # [B, 1]; a row without top-k keeps every token, and a greedy row's filters filter nothing
+    sampled = (s.temperature > 0)[:, None]
+    top_k_on = (s.top_k > 0)[:, None] & sampled
     k = jnp.where(top_k_on, jnp.minimum(s.top_k[:, None], v), v)  # [B, 1]
-    top_p_on = s.top_p[:, None] < 1.0
+    top_p_on = (s.top_p[:, None] < 1.0) & sampled
 
     # The scaled logits and their weights [B, V] are computed where they are read: an array a
     # device conditional closes over is written out in full, whichever branch runs.
@@ -148,7 +150,7 @@ def top_k_top_p_threshold(
         return settled(threshold)
     # Any other nucleus is left to the draw: of a row without top-k, a share of the row's whole
     # mass (0: the sampler has it from the draw); of a top-k beyond the candidates, of its mass.
-    left = top_p_on & ~within & (s.temperature[:, None] > 0)
+    left = top_p_on & ~within
     share = jnp.where(left, s.top_p[:, None], jnp.inf)[:, 0]
     mass = jnp.where(top_k_on, top_k_mass, 0.0)[:, 0]
     listed = (within & ~ties_beyond)[:, 0]
