@@ -381,12 +381,13 @@ def test_radix_search_finds_the_largest_value_reaching_the_target(weighted):
 
 
 @pytest.mark.parametrize("c", [1, 5, 40, 128])
-def test_best_values_are_top_ks_values(c):
-    """The two-stage read (block maxima, then the best blocks) gives lax.top_k's values: ties
-    across and within blocks, -inf, a vocabulary that is no whole number of blocks."""
+def test_best_tokens_are_top_ks_values_and_their_tokens(c):
+    """The two-stage read (block maxima, then the best blocks) gives lax.top_k's values, and
+    distinct tokens that hold them: ties across and within blocks, -inf, a vocabulary that is
+    no whole number of blocks."""
     import jax
 
-    from jinfer.sample.filtering import best_values
+    from jinfer.sample.filtering import best_tokens
 
     rng = np.random.default_rng(c)
     x = rng.standard_normal((5, 3001)).astype(np.float32)
@@ -395,4 +396,9 @@ def test_best_values_are_top_ks_values(c):
     x[3] = np.round(x[3] * 2)  # few distinct values
     x[4, -1] = 9.0  # the best token in the last, partial block
     want = np.asarray(jax.lax.top_k(x, c)[0])
-    np.testing.assert_array_equal(np.asarray(best_values(x, c)), want)
+    values, ids = (np.asarray(a) for a in best_tokens(x, c))
+    np.testing.assert_array_equal(values, want)
+    for row, value, token in zip(x, values, ids, strict=True):
+        finite = np.isfinite(value)
+        assert len(set(token.tolist())) == c
+        np.testing.assert_array_equal(row[token[finite]], value[finite])

@@ -33,18 +33,13 @@ def inverse_cdf(weights: jax.Array, u: jax.Array, best: jax.Array) -> tuple[jax.
     return jnp.where(hit, token, best).astype(jnp.int32), block_cum[:, -1]
 
 
-def row_key(seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array) -> jax.Array:
-    """A row's random key for its output token `counter`: from the request's own seed alone, so
-    a seeded request draws the same whatever shares its batch."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed_lo), seed_hi), counter)
-
-
 def uniform(
     seed_lo: jax.Array, seed_hi: jax.Array, counter: jax.Array, redraw: jax.Array | None = None
 ) -> jax.Array:
     """A row's uniform number in [0, 1) for its token `counter` (its `redraw`-th redraw, if
-    given: `sample/nucleus.py`). Scalars; vmap over rows."""
-    key = row_key(seed_lo, seed_hi, counter)
+    given: `sample/nucleus.py`), from the request's own seed alone, so a seeded request draws
+    the same whatever shares its batch. Scalars; vmap over rows."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed_lo), seed_hi), counter)
     if redraw is not None:
         key = jax.random.fold_in(key, redraw)
     return jax.random.uniform(key, (), jnp.float32)

@@ -192,7 +192,7 @@ def _cpu_candidates(x: jax.Array, k: jax.Array, c: int) -> tuple[jax.Array, jax.
     return best, ids, edge
 
 
-BEST_BLOCK = 16  # best_values: the vocabulary read in blocks of this many tokens
+BEST_BLOCK = 16  # best_tokens: the vocabulary read in blocks of this many tokens
 
 
 def best_tokens(x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
@@ -215,11 +215,6 @@ def best_tokens(x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     values, at = jax.lax.top_k(tokens, c)
     ids = jnp.take_along_axis(picked, at // BEST_BLOCK, axis=-1) * BEST_BLOCK + at % BEST_BLOCK
     return values, ids.astype(jnp.int32)
-
-
-def best_values(x: jax.Array, c: int) -> jax.Array:
-    """`best_tokens`' values alone. [B, V] -> [B, C]."""
-    return best_tokens(x, c)[0]
 
 
 RADIX_BITS = 4  # a radix search settles this many bits of the answer per pass

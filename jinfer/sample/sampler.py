@@ -17,8 +17,9 @@ whose nucleus lies beyond them from the whole row, redrawing a token outside the
 distribution.
 Logprobs are those of the model's raw distribution (vLLM's default), before any processing.
 A constrained row (structured output) has every token its grammar forbids set to -inf after
-penalties and biases, before temperature and the filters: a batch with such rows runs the
-program built for a full-width token mask, any other the one for a stub.
+penalties and biases, before temperature and the filters: on accelerators a batch with such
+rows runs the program built for a full-width token mask, any other the one for a stub; CPU's one
+program always takes the full mask and skips it when no row is constrained.
 """
 
 from __future__ import annotations
